@@ -1,0 +1,96 @@
+"""vanilla_gan.py end to end with a tiny budget: outputs, resume, determinism and its one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, run_script
+
+pytestmark = [needs_mnist, needs_inception]
+
+
+def train(tmp_path, cache_dir, *extra, check=True):
+    """4 steps per epoch (256 images, batch 64), FID on 32 samples against 32 test images."""
+    tiny = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
+            "--num-train-images", 256, "--eval-samples", 32, "--reference-size", 32, "--log-every", 2]  # fmt: skip
+    return run_script("vanilla_gan.py", *tiny, *extra, cwd=tmp_path, check=check)
+
+
+def only_run_dir(tmp_path):
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory, cache_dir):
+    tmp_path = tmp_path_factory.mktemp("one_epoch")
+    result = train(tmp_path, cache_dir, "--epochs", 1, "--save-samples", tmp_path / "pngs")
+    return tmp_path, result
+
+
+def test_a_run_writes_checkpoint_grid_events_metrics_and_samples(one_epoch_run):
+    tmp_path, result = one_epoch_run
+    run_dir = only_run_dir(tmp_path)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 4
+    assert (run_dir / "best.pt").exists() and (run_dir / "samples_epoch001.png").exists()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["final"]) >= {"fid", "precision", "recall", "classifier_fid", "digits_covered"}
+    assert metrics["history"][0]["epoch"] == 1 and metrics["step"] == 4
+    assert len(list((tmp_path / "pngs").glob("*.png"))) == 32
+    assert "FID" in result.stdout.strip().splitlines()[-1]
+
+
+def test_tensorboard_gets_losses_d_outputs_grid_metric_and_hparams(one_epoch_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = only_run_dir(one_epoch_run[0])
+    events = EventAccumulator(str(run_dir)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"losses/d_loss", "losses/g_loss", "charts/D(x)", "charts/D(G(z))", "eval/classifier_fid"} <= scalars
+    assert "samples" in events.Tags()["images"]
+    assert "hyperparameters/text_summary" in events.Tags()["tensors"]
+
+
+def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(one_epoch_run, tmp_path, cache_dir):
+    first_dir = only_run_dir(one_epoch_run[0])
+    resumed = train(one_epoch_run[0], cache_dir, "--epochs", 2, "--resume", first_dir / "checkpoint.pt")
+    assert "resumed" in resumed.stdout and "at epoch 1, step 4" in resumed.stdout
+    assert only_run_dir(one_epoch_run[0]) == first_dir  # same run, same TensorBoard folder
+    after_resume = torch.load(first_dir / "checkpoint.pt", weights_only=False)
+    assert after_resume["epoch"] == 2 and after_resume["global_step"] == 8
+    assert [h["epoch"] for h in after_resume["history"]] == [1, 2]
+
+    train(tmp_path, cache_dir, "--epochs", 2)  # same seed, no interruption
+    straight = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=False)
+    for name, tensor in straight["generator"].items():
+        assert torch.equal(tensor, after_resume["generator"][name]), name
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path, cache_dir):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    result = train(tmp_path, cache_dir, "--resume", tmp_path / "bad.pt", check=False)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'bad.pt'} is not a readable vanilla_gan checkpoint (corrupt or from another program)"
+    ]
+
+
+def test_mismatched_checkpoint_is_one_clear_error(one_epoch_run, cache_dir):
+    checkpoint = only_run_dir(one_epoch_run[0]) / "checkpoint.pt"
+    result = train(one_epoch_run[0], cache_dir, "--resume", checkpoint, "--latent-dim", 64, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "does not match" in lines[0]
+
+
+def test_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, cache_dir):
+    train(tmp_path, cache_dir, "--epochs", 1)
+    checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
+    good = checkpoint.read_bytes()
+    # An absurd learning rate overflows the weights within a few steps.
+    result = train(tmp_path, cache_dir, "--epochs", 3, "--resume", checkpoint, "--lr-d", 1e38, "--lr-g", 1e38,
+                   "--log-every", 1, check=False)  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "non-finite" in lines[0]
+    assert checkpoint.read_bytes() == good
