@@ -398,14 +398,20 @@ class Evaluator:
         return torch.cat(features), torch.cat(predicted)
 
     # -- the two entry points -------------------------------------------------------------------
-    def fast(self, samples: torch.Tensor) -> dict:
-        """Classifier-space FID and digit coverage of samples (float in [-1, 1] or uint8)."""
+    def fast(self, samples: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict:
+        """Classifier-space FID and digit coverage of samples (float in [-1, 1] or uint8).
+
+        With `labels` (the digits a conditional generator was asked for), also the share classified as asked.
+        """
         images01 = to_unit_range(samples)
         reference = self._reference_features("classifier", lambda ref: self.classifier_outputs(ref)[0].cpu())
         features, predicted = self.classifier_outputs(images01)
-        return {"classifier_fid": frechet_distance(features, reference), **class_coverage(predicted)}
+        metrics = {"classifier_fid": frechet_distance(features, reference), **class_coverage(predicted)}
+        if labels is not None:
+            metrics["label_accuracy"] = (predicted.cpu() == labels.cpu()).double().mean().item()
+        return metrics
 
-    def full(self, samples: torch.Tensor, k: int = 3) -> dict:
+    def full(self, samples: torch.Tensor, k: int = 3, labels: Optional[torch.Tensor] = None) -> dict:
         """FID, precision and recall (Inception pool3, k-NN with k=3), plus fast() when images are 28x28."""
         images01 = to_unit_range(samples)
         start = time.time()
@@ -414,7 +420,7 @@ class Evaluator:
         precision, recall = precision_recall(reference, features, k)
         metrics = {"fid": frechet_distance(features, reference), "precision": precision, "recall": recall}
         if images01.shape[-2:] == (28, 28):
-            metrics.update(self.fast(samples))
+            metrics.update(self.fast(samples, labels))
         metrics.update(num_samples=len(images01), num_reference=len(self.reference), eval_seconds=time.time() - start)
         return metrics
 

@@ -93,6 +93,17 @@ def test_cli_reads_png_folders_npz_and_pt_alike(tmp_path, cache_dir, mnist_test)
 
 
 @needs_mnist
+@needs_inception
+def test_png_features_equal_pytorch_fids_own_pipeline(evaluator, mnist_test, tmp_path):
+    from pytorch_fid.fid_score import get_activations
+
+    eval_fid.save_samples_png(mnist_test[0][:20], tmp_path)
+    ours = evaluator.inception_features(eval_fid.to_unit_range(eval_fid.load_samples(str(tmp_path))))
+    theirs = get_activations(sorted(tmp_path.glob("*.png")), evaluator.inception(), batch_size=10, num_workers=0)
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-4, atol=1e-4)
+
+
+@needs_mnist
 def test_cli_fast_only_against_a_reference_folder(tmp_path, cache_dir, mnist_test):
     eval_fid.save_samples_png(mnist_test[0][:300], tmp_path / "a")
     eval_fid.save_samples_png(mnist_test[0][300:600], tmp_path / "b")
