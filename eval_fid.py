@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 from unittest import mock
 
 import numpy as np
@@ -438,9 +438,11 @@ def format_table(metrics: dict) -> str:
 
 @dataclass
 class EvalArgs:
-    samples: tyro.conf.Positional[str]
+    """FID, precision, recall and the fast classifier metric of SAMPLES against MNIST test (or REFERENCE)."""
+
+    samples: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SAMPLES")]
     """folder of PNG/JPEG images, or .npz/.pt file with a (N, [C,] H, W) tensor (uint8 0..255 or float in [-1, 1])"""
-    reference: tyro.conf.Positional[str] = "mnist-test"
+    reference: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="REFERENCE")] = "mnist-test"
     """what to compare against: `mnist-test` or another folder/.npz/.pt of images"""
     data_dir: str = "data"
     """where torchvision finds (or downloads) MNIST"""

@@ -94,3 +94,11 @@ def test_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, cac
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "non-finite" in lines[0]
     assert checkpoint.read_bytes() == good
+
+
+def test_r1_and_bf16_flags_train_and_log_the_penalty(tmp_path, cache_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tmp_path, cache_dir, "--epochs", 1, "--r1-gamma", 10, "--bf16")
+    events = EventAccumulator(str(only_run_dir(tmp_path))).Reload()
+    assert all(event.value > 0 for event in events.Scalars("losses/r1_penalty"))
