@@ -333,7 +333,7 @@ class Evaluator:
             reference = reference[:reference_size]
         self.reference = to_unit_range(reference)
         self._inception = self._classifier = None
-        self._reference_inception = self._reference_classifier = None
+        self._reference_features_by_kind: dict[str, torch.Tensor] = {}  # in memory after the first use
 
     # -- cached networks and reference features -------------------------------------------------
     def classifier(self) -> nn.Module:
@@ -361,6 +361,8 @@ class Evaluator:
 
     def _reference_features(self, kind: str, extract) -> torch.Tensor:
         """Features of the reference set, cached under a key of the network's weights and the reference pixels."""
+        if kind in self._reference_features_by_kind:
+            return self._reference_features_by_kind[kind]
         if kind == "classifier":
             model_id = _sha256(b"".join(t.cpu().numpy().tobytes() for t in self.classifier().state_dict().values()))
         else:
@@ -368,9 +370,11 @@ class Evaluator:
         key = _sha256(f"{kind}|{model_id}|{_sha256(self.reference.numpy().tobytes())}".encode())
         path = self.cache_dir / f"reference_{kind}_{key}.pt"
         if path.exists():
-            return torch.load(path, map_location="cpu", weights_only=True)
-        features = extract(self.reference)
-        atomic_save(features, str(path))
+            features = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            features = extract(self.reference)
+            atomic_save(features, str(path))
+        self._reference_features_by_kind[kind] = features
         return features
 
     # -- feature extractors ---------------------------------------------------------------------
