@@ -277,7 +277,10 @@ def classifier_accuracy(classifier: nn.Module, images01: torch.Tensor, labels: t
 
 
 def train_digit_classifier(data_dir: str, device: torch.device, epochs: int = 3, seed: int = 0) -> tuple[nn.Module, float]:
-    """Train the fast metric's classifier on MNIST train (seeded, about a minute on 2 CPU cores)."""
+    """Train the fast metric's classifier on MNIST train (seeded, about a minute on 2 CPU cores).
+
+    Evaluator calls it inside a forked RNG, so a training script's seeded stream does not depend on the cache.
+    """
     torch.manual_seed(seed)
     train_x, train_y = load_mnist(data_dir, train=True)
     test_x, test_y = load_mnist(data_dir, train=False)
@@ -336,27 +339,36 @@ class Evaluator:
         self._reference_features_by_kind: dict[str, torch.Tensor] = {}  # in memory after the first use
 
     # -- cached networks and reference features -------------------------------------------------
+    def _own_rng(self):
+        """Building or training networks here must not move the caller's seeded random stream."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
     def classifier(self) -> nn.Module:
         if self._classifier is None:
-            path = self.cache_dir / "mnist_classifier_v2.pt"
-            if path.exists():
-                try:
-                    saved = torch.load(path, map_location="cpu", weights_only=True)
-                    classifier = DigitClassifier()
-                    classifier.load_state_dict(saved["state_dict"])
-                except Exception as e:
-                    raise EvalError(f"cached classifier {path} is corrupt ({type(e).__name__}); delete it to retrain") from None
-            else:
-                classifier, accuracy = train_digit_classifier(self.data_dir, self.device)
-                if accuracy < CLASSIFIER_MIN_ACCURACY:
-                    raise EvalError(f"the MNIST classifier reached only {accuracy:.4f} test accuracy")
-                atomic_save({"state_dict": classifier.state_dict(), "test_accuracy": accuracy}, str(path))
-            self._classifier = classifier.eval().to(self.device, memory_format=torch.channels_last)
+            with self._own_rng():
+                self._classifier = self._load_or_train_classifier()
         return self._classifier
+
+    def _load_or_train_classifier(self) -> nn.Module:
+        path = self.cache_dir / "mnist_classifier_v2.pt"
+        if path.exists():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                classifier = DigitClassifier()
+                classifier.load_state_dict(saved["state_dict"])
+            except Exception as e:
+                raise EvalError(f"cached classifier {path} is corrupt ({type(e).__name__}); delete it to retrain") from None
+        else:
+            classifier, accuracy = train_digit_classifier(self.data_dir, self.device)
+            if accuracy < CLASSIFIER_MIN_ACCURACY:
+                raise EvalError(f"the MNIST classifier reached only {accuracy:.4f} test accuracy")
+            atomic_save({"state_dict": classifier.state_dict(), "test_accuracy": accuracy}, str(path))
+        return classifier.eval().to(self.device, memory_format=torch.channels_last)
 
     def inception(self) -> nn.Module:
         if self._inception is None:
-            self._inception = load_fid_inception(self.inception_weights, self.device)
+            with self._own_rng():
+                self._inception = load_fid_inception(self.inception_weights, self.device)
         return self._inception
 
     def _reference_features(self, kind: str, extract) -> torch.Tensor:

@@ -150,6 +150,8 @@ def load_checkpoint(path: str) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.eval_samples <= 3:  # precision/recall use k=3 nearest neighbours: fail now, not after training
+        eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = f"runs/{run_name}"

@@ -176,6 +176,8 @@ def load_checkpoint(path: str) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.eval_samples <= 3:  # precision/recall use k=3 nearest neighbours: fail now, not after training
+        eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
     if args.resume and args.fine_tune_from:
         eval_fid.fail("--resume continues a run and --fine-tune-from starts a new one: give only one")
     checkpoint = load_checkpoint(args.resume or args.fine_tune_from) if (args.resume or args.fine_tune_from) else None

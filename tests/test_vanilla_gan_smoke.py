@@ -102,3 +102,8 @@ def test_r1_and_bf16_flags_train_and_log_the_penalty(tmp_path, cache_dir):
     train(tmp_path, cache_dir, "--epochs", 1, "--r1-gamma", 10, "--bf16")
     events = EventAccumulator(str(only_run_dir(tmp_path))).Reload()
     assert all(event.value > 0 for event in events.Scalars("losses/r1_penalty"))
+
+
+def test_too_few_eval_samples_fail_before_training(tmp_path, cache_dir):
+    result = train(tmp_path, cache_dir, "--eval-samples", 3, check=False)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == ["error: --eval-samples must be at least 4, got 3"]
