@@ -1,0 +1,101 @@
+"""mdgan.py: the simplex mixture, its likelihood and lambda against closed forms and torch.distributions, the
+losses' direction, and smoke runs on grid9 and MNIST."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+
+import mdgan
+from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, run_script
+
+
+@pytest.mark.parametrize("dim", [1, 2, 9])
+def test_simplex_centres_are_equidistant_unit_vectors_around_the_origin(dim):
+    centres = mdgan.simplex_centres(dim)
+    assert centres.shape == (dim + 1, dim)
+    torch.testing.assert_close(centres.norm(dim=1), torch.ones(dim + 1))
+    torch.testing.assert_close(centres.mean(0), torch.zeros(dim), atol=1e-6, rtol=0)
+    distances = torch.cdist(centres, centres)[~torch.eye(dim + 1, dtype=torch.bool)]
+    # Unit vectors with pairwise cosine -1/d: squared distance 2 + 2/d.
+    torch.testing.assert_close(distances, torch.full_like(distances, math.sqrt(2 + 2 / dim)))
+
+
+def torch_distributions_likelihood(points, centres, variance):
+    """The mixture density from torch.distributions, component by component: an independent computation."""
+    dim = centres.shape[1]
+    components = [MultivariateNormal(mu.double(), variance * torch.eye(dim, dtype=torch.float64)) for mu in centres]
+    return torch.stack([c.log_prob(points.double()).exp() for c in components]).mean(0)
+
+
+def test_likelihood_matches_torch_distributions_and_the_closed_form_at_a_centre():
+    centres, variance = mdgan.simplex_centres(9), 0.25
+    points = torch.randn(50, 9, generator=torch.Generator().manual_seed(0)) * 0.7
+    ours = mdgan.mixture_log_likelihood(points, centres, variance).exp().double()
+    torch.testing.assert_close(ours, torch_distributions_likelihood(points, centres, variance), rtol=1e-5, atol=0)
+    at_centre = mdgan.mixture_log_likelihood(centres[:1], centres, variance).exp().item()
+    peak = (2 * math.pi * variance) ** -4.5  # N(mu; mu, variance I) in 9 dimensions
+    closed_form = (peak + 9 * peak * math.exp(-(2 + 2 / 9) / (2 * variance))) / 10
+    assert at_centre == pytest.approx(closed_form, rel=1e-5)
+
+
+def test_lambda_is_the_maximum_and_sits_at_a_centre():
+    centres, variance = mdgan.simplex_centres(9), mdgan.Args.cov_scale
+    lam = mdgan.max_likelihood(centres, variance)
+    at_centres = mdgan.mixture_log_likelihood(centres, centres, variance).exp()
+    assert (at_centres <= lam).all() and lam == pytest.approx(at_centres[0].item(), rel=1e-3)
+    # Gradient ascent from 64 random starts never beats lambda and converges next to a centre.
+    points = (torch.randn(64, 9, generator=torch.Generator().manual_seed(1)) * 0.5).requires_grad_()
+    optimizer = torch.optim.Adam([points], lr=0.02)
+    for _ in range(600):
+        optimizer.zero_grad()
+        (-mdgan.mixture_log_likelihood(points, centres, variance).sum()).backward()
+        optimizer.step()
+    found = mdgan.mixture_log_likelihood(points.detach(), centres, variance).exp()
+    assert found.max() <= lam * (1 + 1e-6) and found.max() >= lam * (1 - 1e-4)
+    assert torch.cdist(points.detach()[found.argmax()].unsqueeze(0), centres).min() < 0.05
+
+
+def test_with_the_authors_wider_components_lambda_is_found_at_the_origin():
+    centres, variance = mdgan.simplex_centres(9), 0.25
+    at_origin = mdgan.mixture_log_likelihood(torch.zeros(1, 9), centres, variance).exp().item()
+    at_centre = mdgan.mixture_log_likelihood(centres[:1], centres, variance).exp().item()
+    assert at_origin > at_centre and mdgan.max_likelihood(centres, variance) == pytest.approx(at_origin, rel=1e-6)
+
+
+def test_losses_pull_real_and_fake_embeddings_the_intended_ways():
+    centres, variance = mdgan.simplex_centres(2), 0.25
+    lam = mdgan.max_likelihood(centres, variance)
+    near = (centres[:1] * 0.8).requires_grad_()
+    mdgan.generator_loss(near, centres, variance, lam).backward()
+    moved = near.detach() - 0.01 * near.grad  # a gradient step of G's loss moves the fake towards the centre
+    assert (moved - centres[0]).norm() < (near.detach() - centres[0]).norm()
+    # D's loss: lower with real on a centre and fake far away than the other way round.
+    far = torch.tensor([[3.0, 3.0]])
+    good = mdgan.discriminator_loss(centres[:1], far, centres, variance, lam)
+    bad = mdgan.discriminator_loss(far, centres[:1], centres, variance, lam)
+    assert good < bad and torch.isfinite(bad)
+    lk_real = torch_distributions_likelihood(centres[:1], centres, variance)
+    assert good.item() == pytest.approx(-(math.log(lk_real.item()) + math.log(mdgan.LOG_EPS + lam)), rel=1e-4)
+
+
+def test_grid9_smoke_run(tmp_path):
+    result = run_script(
+        "mdgan.py", "--dataset", "grid9", "--epochs", 1, "--toy-steps-per-epoch", 20, "--batch-size", 64,
+        "--eval-samples", 500, "--log-every", 10, cwd=tmp_path,
+    )  # fmt: skip
+    assert "lambda = " in result.stdout and "modes covered" in result.stdout.strip().splitlines()[-1]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "metrics.json").exists()
+
+
+@needs_mnist
+@needs_inception
+def test_mnist_smoke_run_reports_fid(tmp_path, cache_dir):
+    result = run_script(
+        "mdgan.py", "--dataset", "mnist", "--epochs", 1, "--data-dir", DATA_DIR,
+        "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir, "--num-train-images", 128,
+        "--eval-samples", 16, "--reference-size", 16, cwd=tmp_path,
+    )  # fmt: skip
+    assert "FID" in result.stdout.strip().splitlines()[-1]

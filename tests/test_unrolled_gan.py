@@ -1,0 +1,159 @@
+"""unrolled_gan.py: the surrogate D_K and its generator gradient against torch's own Adam and finite differences,
+the 2-D mixtures and their mode metrics, and smoke runs on ring8 and MNIST."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+import unrolled_gan as ug
+from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, run_script
+
+
+class TinyDiscriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)
+
+
+@pytest.fixture
+def tiny_problem():
+    """float64 nets, a D that has already taken one Adam step (so the unroll starts from non-zero moments).
+    eps is tiny so that our sqrt(v + eps^2) and torch's sqrt(v) + eps denominators agree to rounding."""
+    torch.manual_seed(0)
+    generator = nn.Linear(3, 2).double()
+    discriminator = TinyDiscriminator().double()
+    optimizer = torch.optim.Adam(discriminator.parameters(), lr=0.05, betas=(0.5, 0.999), eps=1e-12)
+    real, z = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    ug.discriminator_loss(*discriminator(torch.cat([real, generator(z).detach()])).split(8)).backward()
+    optimizer.step()
+    discriminator.requires_grad_(False)
+    return generator, discriminator, optimizer, real, z
+
+
+def unrolled_by_torch_adam(discriminator, optimizer, real, fake, steps):
+    """An independent D_K: a copy of D stepped K times by torch.optim.Adam from the same optimizer state."""
+    copy_d = copy.deepcopy(discriminator).requires_grad_(True)
+    copy_opt = torch.optim.Adam(copy_d.parameters())
+    copy_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # load_state_dict would share the moments
+    for _ in range(steps):
+        copy_opt.zero_grad()
+        ug.discriminator_loss(*copy_d(torch.cat([real, fake.detach()])).split(len(real))).backward()
+        copy_opt.step()
+    return copy_d.requires_grad_(False)
+
+
+def test_unrolled_parameters_equal_k_steps_of_torch_adam(tiny_problem):
+    generator, discriminator, optimizer, real, z = tiny_problem
+    fake = generator(z)
+    ours = ug.unrolled_parameters(discriminator, optimizer, real, fake, steps=3)
+    theirs = dict(unrolled_by_torch_adam(discriminator, optimizer, real, fake, steps=3).named_parameters())
+    for name, value in ours.items():
+        torch.testing.assert_close(value.detach(), theirs[name], rtol=0, atol=1e-9)  # eps^2 vs eps: ~1e-11 here
+        assert not torch.equal(value.detach(), dict(discriminator.named_parameters())[name])
+
+
+def test_k1_generator_gradient_flows_through_the_update_and_matches_finite_differences(tiny_problem):
+    generator, discriminator, optimizer, real, z = tiny_problem
+
+    def surrogate_by_torch_adam() -> float:  # f_1(theta_G), evaluated without any autograd through the update
+        fake = generator(z)
+        unrolled = unrolled_by_torch_adam(discriminator, optimizer, real, fake, steps=1)
+        return ug.generator_loss(unrolled(fake)).item()
+
+    def autograd_gradient(steps: int) -> torch.Tensor:
+        generator.zero_grad()
+        fake = generator(z)
+        params = ug.unrolled_parameters(discriminator, optimizer, real, fake, steps)
+        ug.generator_loss(functional_call(discriminator, params, (fake,))).backward()
+        return generator.weight.grad.clone()
+
+    numeric = torch.zeros_like(generator.weight).view(-1)
+    weight = generator.weight.data.view(-1)  # perturbed in place, outside autograd
+    for index in range(len(weight)):
+        original = weight[index].item()
+        values = []
+        for shift in (1e-6, -1e-6):
+            weight[index] = original + shift
+            values.append(surrogate_by_torch_adam())
+        weight[index] = original
+        numeric[index] = (values[0] - values[1]) / 2e-6
+    numeric = numeric.view_as(generator.weight)
+    unrolled_gradient = autograd_gradient(steps=1)
+    torch.testing.assert_close(unrolled_gradient, numeric, rtol=1e-4, atol=1e-7)
+    plain_gradient = autograd_gradient(steps=0)
+    # A detached copy of D_1 would miss the d(theta_D^1)/d(theta_G) term: check that the term is really there.
+    fake = generator(z)
+    detached = unrolled_by_torch_adam(discriminator, optimizer, real, fake, steps=1)
+    generator.zero_grad()
+    ug.generator_loss(detached(generator(z))).backward()
+    for other in (plain_gradient, generator.weight.grad):
+        assert (unrolled_gradient - other).abs().max() > 1e-3 * unrolled_gradient.abs().max()
+
+
+def test_mixtures_have_the_papers_geometry():
+    ring, ring_std = ug.mixture_modes("ring8")
+    assert ring.shape == (8, 2) and ring_std == 0.02
+    torch.testing.assert_close(ring.norm(dim=1), torch.full((8,), 2.0))
+    grid, grid_std = ug.mixture_modes("grid25")
+    assert grid.shape == (25, 2) and grid_std == 0.05 and set(grid[:, 0].tolist()) == {-4.0, -2.0, 0.0, 2.0, 4.0}
+    assert ug.mixture_modes("grid9")[0].shape == (9, 2)
+
+
+def test_mode_coverage_counts_modes_and_high_quality_samples():
+    centres, std = ug.mixture_modes("ring8")
+    torch.manual_seed(0)
+    perfect = ug.sample_mixture(centres, std, 8000)
+    metrics = ug.mode_coverage(perfect, centres, std, min_share=0.01)
+    # Within 3 std of its centre in 2-D: P(chi2_2 <= 9) = 1 - exp(-4.5) = 0.9889.
+    assert metrics["modes_covered"] == 8 and metrics["high_quality"] == pytest.approx(1 - math.exp(-4.5), abs=0.004)
+    # 3 modes only, plus 40% of the mass far from every mode; one mode with 0.5% of samples is below the 1% share.
+    three = torch.cat([centres[:3].repeat_interleave(1000, 0), torch.zeros(2020, 2), centres[3:4].repeat(30, 1)])
+    metrics = ug.mode_coverage(three, centres, std, min_share=0.01)
+    assert metrics["modes_covered"] == 3 and metrics["samples_per_mode"][3] == 30
+    assert metrics["high_quality"] == pytest.approx(3030 / 5050)
+
+
+def test_scatter_image_puts_points_where_they_are():
+    image = ug.scatter_image(torch.tensor([[-1.0, 1.0]]), torch.tensor([[1.0, -1.0]]), extent=2.0, size=101)
+    assert image.shape == (3, 101, 101)
+    grey, red = torch.tensor([0.6, 0.6, 0.6]), torch.tensor([0.85, 0.1, 0.1])
+    torch.testing.assert_close(image[:, 25, 25], grey)  # upper left: x < 0, y > 0
+    torch.testing.assert_close(image[:, 74, 74], red)  # lower right
+    assert (image == 1).all(0).float().mean() > 0.99
+
+
+def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
+    tiny = ["--dataset", "ring8", "--unroll-steps", 2, "--toy-steps-per-epoch", 20, "--batch-size", 64,
+            "--eval-samples", 500, "--log-every", 10]  # fmt: skip
+    result = run_script("unrolled_gan.py", *tiny, "--epochs", 1, cwd=tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "modes covered" in result.stdout.strip().splitlines()[-1]
+    assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "best.pt").exists()
+    resumed = run_script("unrolled_gan.py", *tiny, "--epochs", 2, "--resume", run_dir / "checkpoint.pt", cwd=tmp_path)
+    assert "at epoch 1, step 20" in resumed.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 40 and metrics["final"]["num_modes"] == 8 and len(metrics["history"]) == 2
+
+
+def test_negative_unroll_steps_is_one_line_error(tmp_path):
+    result = run_script("unrolled_gan.py", "--unroll-steps", -1, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --unroll-steps must be 0 or more, got -1"
+
+
+@needs_mnist
+@needs_inception
+def test_mnist_smoke_run_reports_fid(tmp_path, cache_dir):
+    result = run_script(
+        "unrolled_gan.py", "--dataset", "mnist", "--unroll-steps", 1, "--epochs", 1, "--data-dir", DATA_DIR,
+        "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir, "--num-train-images", 128,
+        "--eval-samples", 16, "--reference-size", 16, cwd=tmp_path,
+    )  # fmt: skip
+    assert "FID" in result.stdout.strip().splitlines()[-1]

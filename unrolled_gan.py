@@ -1,0 +1,464 @@
+"""Unrolled GAN: the generator's loss is taken through K differentiable Adam updates of the discriminator.
+Metz, Poole, Pfau and Sohl-Dickstein 2016, "Unrolled Generative Adversarial Networks" (arXiv:1611.02163).
+Run: python unrolled_gan.py --dataset ring8 --unroll-steps 5    (or --dataset mnist --data-dir ../shared/data ...)
+"""
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+from torch.func import functional_call
+from torch.utils.tensorboard import SummaryWriter
+
+import eval_fid
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (the run name is {exp_name}__{dataset}__{seed}__{unix time})"""
+    seed: int = 1
+    """seed of torch, numpy, random and the batch order"""
+    torch_deterministic: bool = True
+    """deterministic kernels, so that the same seed on the same device gives the same result"""
+    cuda: bool = True
+    """train on CUDA when it is available"""
+    bf16: bool = False
+    """bf16 autocast for the networks (faster on CPUs with AVX512-BF16/AMX and on GPUs; losses stay fp32)"""
+
+    # data
+    dataset: Literal["ring8", "grid25", "grid9", "mnist"] = "ring8"
+    """ring8: 8 Gaussians on a circle of radius 2 (std 0.02); grid25/grid9: 5x5/3x3 grids, spacing 2 (std 0.05)"""
+    data_dir: str = "data"
+    """folder holding MNIST/raw (torchvision downloads it there when missing and online)"""
+    num_train_images: int = 60000
+    """train on the first N MNIST training images (fewer = shorter epochs, e.g. for smoke tests)"""
+    toy_steps_per_epoch: int = 1000
+    """generator steps per epoch on the 2-D mixtures (fresh samples every step: there is no finite data set)"""
+
+    # optimisation (None = the dataset's default: the paper's 2-D setting, or vanilla_gan.py's on MNIST)
+    epochs: Optional[int] = None
+    """number of epochs (default 25 on 2-D = the paper's 25k steps, 100 on MNIST)"""
+    batch_size: Optional[int] = None
+    """samples per discriminator and generator step (default 512 on 2-D, 64 on MNIST)"""
+    lr_g: Optional[float] = None
+    """Adam learning rate of the generator (default 1e-3 on 2-D, 2e-4 on MNIST)"""
+    lr_d: Optional[float] = None
+    """Adam learning rate of the discriminator, also used by the unrolled updates (default 1e-4 on 2-D, 2e-4 on MNIST)"""
+    beta1: float = 0.5
+    """Adam beta1 of both networks and of the unrolled updates"""
+    beta2: float = 0.999
+    """Adam beta2 of both networks and of the unrolled updates"""
+    latent_dim: Optional[int] = None
+    """dimension of the generator's Gaussian input z (default 256 on 2-D as in the paper, 100 on MNIST)"""
+
+    # the method
+    unroll_steps: int = 5
+    """K: discriminator updates the generator looks ahead through (0 = the plain non-saturating GAN)"""
+
+    # evaluation, logging and checkpoints
+    log_every: int = 100
+    """log losses and D outputs every N generator steps"""
+    eval_every: int = 1
+    """evaluate (2-D: modes and scatter plot; MNIST: fast metric and grid) every N epochs"""
+    eval_samples: int = 10000
+    """samples for the per-epoch and final evaluation"""
+    mode_min_share: float = 0.01
+    """2-D: a mode counts as covered when it holds at least this share of the samples within 3 std of its centre"""
+    reference_size: int = 10000
+    """MNIST test images that form the FID reference (the first N)"""
+    inception_weights: Optional[str] = None
+    """FID Inception state dict for offline use (../shared/weights/pt_inception-2015-12-05-pool3.pth); default: download"""
+    cache_dir: str = eval_fid.DEFAULT_CACHE_DIR
+    """where eval_fid caches its classifier and reference features"""
+    checkpoint_every: int = 1
+    """write runs/{run_name}/checkpoint.pt every N epochs (atomically)"""
+    resume: Optional[str] = None
+    """checkpoint to continue from: same run name, step, optimisers and random state"""
+    save_samples: Optional[str] = None
+    """write the final eval samples to this folder (MNIST: lossless PNGs; 2-D: points.pt)"""
+
+
+TOY_DEFAULTS = dict(epochs=25, batch_size=512, lr_g=1e-3, lr_d=1e-4, latent_dim=256)  # Metz et al., appendix A
+MNIST_DEFAULTS = dict(epochs=100, batch_size=64, lr_g=2e-4, lr_d=2e-4, latent_dim=100)  # as vanilla_gan.py
+
+
+def mixture_modes(dataset: str) -> tuple[torch.Tensor, float]:
+    """Centres (modes x 2) and standard deviation of the 2-D Gaussian mixtures."""
+    if dataset == "ring8":
+        angles = torch.arange(8) * (2 * math.pi / 8)
+        return 2.0 * torch.stack([angles.cos(), angles.sin()], 1), 0.02
+    side = {"grid25": 5, "grid9": 3}[dataset]
+    axis = (torch.arange(side) - (side - 1) / 2) * 2.0
+    return torch.cartesian_prod(axis, axis), 0.05
+
+
+def sample_mixture(centres: torch.Tensor, std: float, n: int) -> torch.Tensor:
+    """n points from the equal-weight mixture, drawn with the global RNG of the centres' device."""
+    index = torch.randint(len(centres), (n,), device=centres.device)
+    return centres[index] + std * torch.randn(n, 2, device=centres.device)
+
+
+def mode_coverage(points: torch.Tensor, centres: torch.Tensor, std: float, min_share: float) -> dict:
+    """Unrolled-GAN/VEEGAN metrics: a sample is high quality within 3 std of its nearest mode; a mode is covered
+    when at least min_share of all samples are high-quality samples of that mode."""
+    distance, nearest = torch.cdist(points.float(), centres.float()).min(1)
+    high_quality = distance <= 3 * std
+    per_mode = torch.bincount(nearest[high_quality], minlength=len(centres))
+    return {
+        "modes_covered": int((per_mode >= min_share * len(points)).sum()),
+        "num_modes": len(centres),
+        "high_quality": float(high_quality.float().mean()),
+        "samples_per_mode": per_mode.tolist(),
+    }
+
+
+def scatter_image(real: torch.Tensor, fake: torch.Tensor, extent: float, size: int = 384) -> torch.Tensor:
+    """A 3 x size x size scatter plot (real points grey, generated points red) drawn without matplotlib."""
+    canvas = torch.ones(3, size, size)
+    for points, colour in ((real, (0.6, 0.6, 0.6)), (fake, (0.85, 0.1, 0.1))):
+        pixels = ((points.float().cpu() + extent) / (2 * extent) * (size - 2)).round().long()
+        column, row = pixels[:, 0], (size - 2) - pixels[:, 1]  # y grows upwards in a plot, downwards in an image
+        inside = (column >= 0) & (column < size - 1) & (row >= 0) & (row < size - 1)
+        column, row = column[inside], row[inside]
+        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):  # 2x2 dots stay visible when the image is scaled down
+            canvas[:, row + dy, column + dx] = torch.tensor(colour).unsqueeze(1)
+    return canvas
+
+
+class Generator(nn.Module):
+    """The course's imposed MLP: z -> 256 -> 512 -> 1024 -> 784, LeakyReLU(0.2), Tanh."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 512), nn.LeakyReLU(0.2),
+            nn.Linear(512, 1024), nn.LeakyReLU(0.2),
+            nn.Linear(1024, 784), nn.Tanh(),
+        )  # fmt: skip
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(-1, 1, 28, 28)
+
+
+class Discriminator(nn.Module):
+    """784 -> 1024 -> 512 -> 256 -> 1 with LeakyReLU(0.2); returns the logit (the sigmoid lives in the loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 1024), nn.LeakyReLU(0.2),
+            nn.Linear(1024, 512), nn.LeakyReLU(0.2),
+            nn.Linear(512, 256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+class ToyGenerator(nn.Module):
+    """The paper's 2-D generator: z -> 128 -> 128 -> 2 with ReLU."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class ToyDiscriminator(nn.Module):
+    """The paper's 2-D discriminator: 2 -> 128 -> 128 -> 1 with ReLU; returns the logit."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """-log D(x) - log(1 - D(G(z))), written with softplus on logits: -log sigmoid(l) = softplus(-l)."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss -log D(G(z)): strong gradients while D still rejects the fakes."""
+    return F.softplus(-fake_logits).mean()
+
+
+def unrolled_parameters(
+    discriminator: nn.Module, optimizer: torch.optim.Adam, real: torch.Tensor, fake: torch.Tensor, steps: int
+) -> dict[str, torch.Tensor]:
+    """theta_D^K: K Adam updates of D's loss on (real, fake), started from D's weights and optimizer moments.
+
+    The updates are kept in the autograd graph (create_graph=True), so a loss computed with these parameters
+    back-propagates through every update into `fake` and thus into the generator: that is the surrogate f_K.
+    The denominator is sqrt(v_hat + eps^2) instead of Adam's sqrt(v_hat) + eps: the same step to within eps,
+    but with a finite derivative where a gradient is exactly 0 (dead ReLUs), where sqrt' would give NaN.
+    """
+    group = optimizer.param_groups[0]
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    names, weights = zip(*discriminator.named_parameters())
+    state = [optimizer.state.get(w, {}) for w in weights]
+    step = float(state[0]["step"]) if "step" in state[0] else 0.0
+    params = [w.detach().requires_grad_() for w in weights]
+    exp_avg = [s["exp_avg"] if "exp_avg" in s else torch.zeros_like(w) for s, w in zip(state, weights)]
+    exp_avg_sq = [s["exp_avg_sq"] if "exp_avg_sq" in s else torch.zeros_like(w) for s, w in zip(state, weights)]
+    for _ in range(steps):
+        logits = functional_call(discriminator, dict(zip(names, params)), (torch.cat([real, fake]),))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast -> fp32
+        loss = discriminator_loss(*logits.split(len(real)))
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        step += 1
+        exp_avg = [beta1 * m + (1 - beta1) * g for m, g in zip(exp_avg, grads)]
+        exp_avg_sq = [beta2 * v + (1 - beta2) * g * g for v, g in zip(exp_avg_sq, grads)]
+        params = [
+            p - lr * (m / (1 - beta1**step)) / (v / (1 - beta2**step) + eps**2).sqrt()
+            for p, m, v in zip(params, exp_avg, exp_avg_sq)
+        ]
+    return dict(zip(names, params))
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, noise: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    return torch.cat([generator(noise[i : i + batch_size]).float() for i in range(0, len(noise), batch_size)])
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or one clear error line."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        assert isinstance(checkpoint, dict) and {"generator", "discriminator", "epoch"} <= checkpoint.keys()
+        return checkpoint
+    except FileNotFoundError:
+        eval_fid.fail(f"checkpoint {path} does not exist")
+    except Exception:
+        eval_fid.fail(f"{path} is not a readable {Args.exp_name} checkpoint (corrupt or from another program)")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    toy = args.dataset != "mnist"
+    for key, value in (TOY_DEFAULTS if toy else MNIST_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.eval_samples <= 3:  # precision/recall use k=3 nearest neighbours: fail now, not after training
+        eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
+    if args.unroll_steps < 0:
+        eval_fid.fail(f"--unroll-steps must be 0 or more, got {args.unroll_steps}")
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.dataset}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    # 2-D: the mixture is sampled afresh every step. MNIST: one [-1, 1] tensor on the device, sliced into batches.
+    if toy:
+        centres, std = mixture_modes(args.dataset)
+        centres = centres.to(device)
+        steps_per_epoch = args.toy_steps_per_epoch
+        real_points = sample_mixture(centres, std, 2500)  # the grey cloud of the scatter plots
+        extent = float(centres.abs().max()) + 1.5
+    else:
+        try:
+            train_images = eval_fid.load_mnist(args.data_dir, train=True)[0][: args.num_train_images]
+            evaluator = eval_fid.Evaluator(
+                args.data_dir, args.inception_weights, args.cache_dir, str(device), reference_size=args.reference_size
+            )
+            evaluator.classifier()  # trained once and cached; fail now rather than after training
+            evaluator.inception()
+        except eval_fid.EvalError as e:
+            eval_fid.fail(str(e))
+        train_images = (train_images.float() / 127.5 - 1).unsqueeze(1).to(device)
+        steps_per_epoch = len(train_images) // args.batch_size
+        if steps_per_epoch == 0:
+            eval_fid.fail(f"--num-train-images {len(train_images)} is smaller than one batch of {args.batch_size}")
+    batch_order = torch.Generator().manual_seed(args.seed)
+    eval_noise = torch.randn(args.eval_samples, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + 1))
+    eval_noise = eval_noise.to(device)
+
+    generator = (ToyGenerator(args.latent_dim) if toy else Generator(args.latent_dim)).to(device)
+    discriminator = (ToyDiscriminator() if toy else Discriminator()).to(device)
+    fused = device.type in ("cuda", "cpu")  # one kernel per step instead of one per parameter tensor
+    optimizer_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
+    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused)
+
+    start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, float("inf"), []
+    if checkpoint:
+        try:
+            generator.load_state_dict(checkpoint["generator"])
+            discriminator.load_state_dict(checkpoint["discriminator"])
+            optimizer_g.load_state_dict(checkpoint["optimizer_g"])
+            optimizer_d.load_state_dict(checkpoint["optimizer_d"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
+        for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_d, args.lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr  # the command line wins: a resumed run may change its learning rates
+        start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
+        train_seconds, best_metric, history = checkpoint["train_seconds"], checkpoint["best_metric"], checkpoint["history"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        batch_order.set_state(checkpoint["rng"]["batch_order"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
+
+    def save_checkpoint(path: str, epoch: int):
+        eval_fid.atomic_save(
+            {
+                "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                "optimizer_g": optimizer_g.state_dict(), "optimizer_d": optimizer_d.state_dict(),
+                "epoch": epoch, "global_step": global_step, "train_seconds": train_seconds,
+                "best_metric": best_metric, "history": history, "run_name": run_name, "args": asdict(args),
+                "rng": {
+                    "torch": torch.get_rng_state(), "batch_order": batch_order.get_state(),
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                },
+            },
+            path,
+        )  # fmt: skip
+
+    def evaluate(samples: torch.Tensor) -> dict:
+        """2-D: modes covered and high-quality share; MNIST: classifier FID and digit coverage."""
+        if toy:
+            return mode_coverage(samples, centres, std, args.mode_min_share)
+        return evaluator.fast(samples)
+
+    checkpoint_path, best_path = f"{run_dir}/checkpoint.pt", f"{run_dir}/best.pt"
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        epoch_start = time.time()
+        if not toy:
+            order = torch.randperm(len(train_images), generator=batch_order).to(device)
+        for step_in_epoch in range(steps_per_epoch):
+            if toy:
+                real = sample_mixture(centres, std, args.batch_size)
+            else:
+                real = train_images[order[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]]
+            z = torch.randn(args.batch_size, args.latent_dim, device=device)
+
+            # Discriminator step: the ordinary one, real and fake in one forward pass.
+            with autocast:
+                fake = generator(z)
+                real_logits, fake_logits = discriminator(torch.cat([real, fake.detach()])).float().split(args.batch_size)
+                d_loss = discriminator_loss(real_logits, fake_logits)
+            optimizer_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            optimizer_d.step()
+
+            # Generator step against D_K: K more Adam updates of D, differentiable in the fakes, then the usual loss.
+            discriminator.requires_grad_(False)
+            with autocast:
+                if args.unroll_steps > 0:
+                    unrolled = unrolled_parameters(discriminator, optimizer_d, real, fake, args.unroll_steps)
+                    g_loss = generator_loss(functional_call(discriminator, unrolled, (fake,)).float())
+                else:
+                    g_loss = generator_loss(discriminator(fake).float())
+            optimizer_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            optimizer_g.step()
+            discriminator.requires_grad_(True)
+            global_step += 1
+
+            if global_step % args.log_every == 0:  # the only host syncs of the loop
+                d_value, g_value = d_loss.item(), g_loss.item()
+                if not (np.isfinite(d_value) and np.isfinite(g_value)):
+                    eval_fid.fail(f"non-finite loss at step {global_step} (D {d_value}, G {g_value}); "
+                                  f"last good checkpoint: {checkpoint_path}")  # fmt: skip
+                d_real, d_fake = torch.sigmoid(real_logits).mean().item(), torch.sigmoid(fake_logits).mean().item()
+                writer.add_scalar("losses/d_loss", d_value, global_step)
+                writer.add_scalar("losses/g_loss_unrolled", g_value, global_step)
+                writer.add_scalar("charts/D(x)", d_real, global_step)
+                writer.add_scalar("charts/D(G(z))", d_fake, global_step)
+                steps_per_second = (step_in_epoch + 1) / (time.time() - epoch_start)
+                writer.add_scalar("charts/steps_per_second", steps_per_second, global_step)
+                print(f"epoch {epoch} step {global_step}: d_loss {d_value:.3f} g_loss {g_value:.3f} "
+                      f"D(x) {d_real:.3f} D(G(z)) {d_fake:.3f} | {steps_per_second:.0f} steps/s")  # fmt: skip
+        train_seconds += time.time() - epoch_start
+        writer.add_scalar("charts/epoch_seconds", time.time() - epoch_start, global_step)
+
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            samples = generate(generator, eval_noise)
+            metrics = evaluate(samples)
+            history.append({"epoch": epoch, "step": global_step, "train_seconds": train_seconds, **metrics})
+            if toy:
+                image = scatter_image(real_points, samples[:2500], extent)
+                writer.add_scalar("eval/modes_covered", metrics["modes_covered"], global_step)
+                writer.add_scalar("eval/high_quality", metrics["high_quality"], global_step)
+                print(f"epoch {epoch}: {metrics['modes_covered']}/{metrics['num_modes']} modes, "
+                      f"{metrics['high_quality']:.1%} high-quality samples, {train_seconds:.0f}s of training")  # fmt: skip
+            else:
+                image = torchvision.utils.make_grid(samples[:64], nrow=8, normalize=True, value_range=(-1, 1))
+                writer.add_scalar("eval/classifier_fid", metrics["classifier_fid"], global_step)
+                writer.add_scalar("eval/digits_covered", metrics["digits_covered"], global_step)
+                writer.add_scalar("eval/kl_to_uniform", metrics["kl_to_uniform"], global_step)
+                print(f"epoch {epoch}: classifier FID {metrics['classifier_fid']:.2f}, "
+                      f"{metrics['digits_covered']}/10 digits, {train_seconds:.0f}s of training")  # fmt: skip
+            writer.add_image("samples", image, global_step)
+            torchvision.utils.save_image(image, f"{run_dir}/samples_epoch{epoch:03d}.png")
+
+        if epoch % args.checkpoint_every == 0 or epoch == args.epochs:
+            weights_finite = all(torch.isfinite(p).all() for p in [*generator.parameters(), *discriminator.parameters()])
+            if not weights_finite:
+                eval_fid.fail(f"non-finite weights at epoch {epoch}; last good checkpoint: {checkpoint_path}")
+            latest = history[-1] if history and history[-1]["epoch"] == epoch else None
+            if latest:  # lower is better: classifier FID, or fewer modes then fewer high-quality samples
+                score = -latest["modes_covered"] - latest["high_quality"] if toy else latest["classifier_fid"]
+            improved = latest is not None and score < best_metric
+            if improved:
+                best_metric = score
+            save_checkpoint(checkpoint_path, epoch)
+            if improved:
+                save_checkpoint(best_path, epoch)
+
+    # Final evaluation of the last generator on eval_samples samples.
+    samples = generate(generator, eval_noise)
+    final = mode_coverage(samples, centres, std, args.mode_min_share) if toy else evaluator.full(samples)
+    headline = ("modes_covered", "high_quality") if toy else ("fid", "precision", "recall")
+    for key in headline:
+        writer.add_scalar(f"final/{key}", final[key], global_step)
+    hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    writer.add_hparams(hparams, {f"hparam/{k}": final[k] for k in headline}, run_name=".")
+    writer.close()
+    summary = {"run_name": run_name, "epochs": args.epochs, "step": global_step, "device": str(device),
+               "train_seconds": train_seconds, "final": final, "history": history, "args": asdict(args)}  # fmt: skip
+    with open(f"{run_dir}/metrics.json.tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(f"{run_dir}/metrics.json.tmp", f"{run_dir}/metrics.json")
+    if args.save_samples and toy:
+        os.makedirs(args.save_samples, exist_ok=True)
+        eval_fid.atomic_save(samples.cpu(), f"{args.save_samples}/points.pt")
+    elif args.save_samples:
+        eval_fid.save_samples_png(samples, args.save_samples)
+    if toy:
+        print(f"{run_name}: {final['modes_covered']}/{final['num_modes']} modes covered, {final['high_quality']:.1%} "
+              f"high-quality samples after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")  # fmt: skip
+    else:
+        print(eval_fid.format_table({k: v for k, v in final.items() if k != "class_histogram"}))
+        print(f"{run_name}: FID {final['fid']:.2f} precision {final['precision']:.3f} recall {final['recall']:.3f} "
+              f"after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")  # fmt: skip
