@@ -60,7 +60,7 @@ class Args:
     beta2: float = 0.999
     """Adam beta2 of both networks"""
     latent_dim: Optional[int] = None
-    """dimension of the generator's Gaussian input z (default 256 on 2-D as in unrolled_gan.py, 100 on MNIST)"""
+    """dimension of the generator's Gaussian input z (default 2 on 2-D as in the authors' code, 100 on MNIST)"""
 
     # the method
     embedding_dim: int = 9
@@ -94,7 +94,7 @@ class Args:
     """write the final eval samples to this folder (MNIST: lossless PNGs; 2-D: points.pt)"""
 
 
-TOY_DEFAULTS = dict(epochs=25, batch_size=512, lr_g=1e-3, lr_d=1e-3, latent_dim=256)  # the authors' 2-D learning rates
+TOY_DEFAULTS = dict(epochs=25, batch_size=512, lr_g=1e-3, lr_d=1e-3, latent_dim=2)  # the authors' 2-D lr and z size
 MNIST_DEFAULTS = dict(epochs=100, batch_size=64, lr_g=2e-4, lr_d=2e-4, latent_dim=100)  # as vanilla_gan.py
 
 
@@ -276,6 +276,8 @@ if __name__ == "__main__":
     if args.embedding_dim < 1 or args.cov_scale <= 0:
         eval_fid.fail(f"--embedding-dim must be >= 1 and --cov-scale > 0, got {args.embedding_dim} and {args.cov_scale}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
+        eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
     run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.dataset}__{args.seed}__{int(time.time())}"
     run_dir = f"runs/{run_name}"
     writer = SummaryWriter(run_dir)

@@ -263,6 +263,8 @@ if __name__ == "__main__":
     if args.unroll_steps < 0:
         eval_fid.fail(f"--unroll-steps must be 0 or more, got {args.unroll_steps}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
+        eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
     run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.dataset}__{args.seed}__{int(time.time())}"
     run_dir = f"runs/{run_name}"
     writer = SummaryWriter(run_dir)

@@ -141,6 +141,9 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     assert "at epoch 1, step 20" in resumed.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 40 and metrics["final"]["num_modes"] == 8 and len(metrics["history"]) == 2
+    other_data = run_script("unrolled_gan.py", *tiny, "--dataset", "grid9", "--resume", run_dir / "checkpoint.pt",
+                            cwd=tmp_path, check=False)  # fmt: skip
+    assert other_data.returncode == 2 and "was trained with --dataset ring8" in other_data.stderr
 
 
 def test_negative_unroll_steps_is_one_line_error(tmp_path):
