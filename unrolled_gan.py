@@ -66,6 +66,8 @@ class Args:
     # the method
     unroll_steps: int = 5
     """K: discriminator updates the generator looks ahead through (0 = the plain non-saturating GAN)"""
+    unroll_lr: Optional[float] = None
+    """learning rate of the K look-ahead Adam updates (default: D's, as in the authors' code)"""
 
     # evaluation, logging and checkpoints
     log_every: int = 100
@@ -203,7 +205,8 @@ def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def unrolled_parameters(
-    discriminator: nn.Module, optimizer: torch.optim.Adam, real: torch.Tensor, fake: torch.Tensor, steps: int
+    discriminator: nn.Module, optimizer: torch.optim.Adam, real: torch.Tensor, fake: torch.Tensor, steps: int,
+    lr: Optional[float] = None,
 ) -> dict[str, torch.Tensor]:
     """theta_D^K: K Adam updates of D's loss on (real, fake), started from D's weights and optimizer moments.
 
@@ -213,7 +216,8 @@ def unrolled_parameters(
     but with a finite derivative where a gradient is exactly 0 (dead ReLUs), where sqrt' would give NaN.
     """
     group = optimizer.param_groups[0]
-    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    lr = group["lr"] if lr is None else lr
+    (beta1, beta2), eps = group["betas"], group["eps"]
     names, weights = zip(*discriminator.named_parameters())
     state = [optimizer.state.get(w, {}) for w in weights]
     step = float(state[0]["step"]) if "step" in state[0] else 0.0
@@ -377,7 +381,7 @@ if __name__ == "__main__":
             discriminator.requires_grad_(False)
             with autocast:
                 if args.unroll_steps > 0:
-                    unrolled = unrolled_parameters(discriminator, optimizer_d, real, fake, args.unroll_steps)
+                    unrolled = unrolled_parameters(discriminator, optimizer_d, real, fake, args.unroll_steps, args.unroll_lr)
                     g_loss = generator_loss(functional_call(discriminator, unrolled, (fake,)).float())
                 else:
                     g_loss = generator_loss(discriminator(fake).float())

@@ -38,11 +38,13 @@ def tiny_problem():
     return generator, discriminator, optimizer, real, z
 
 
-def unrolled_by_torch_adam(discriminator, optimizer, real, fake, steps):
+def unrolled_by_torch_adam(discriminator, optimizer, real, fake, steps, lr=None):
     """An independent D_K: a copy of D stepped K times by torch.optim.Adam from the same optimizer state."""
     copy_d = copy.deepcopy(discriminator).requires_grad_(True)
     copy_opt = torch.optim.Adam(copy_d.parameters())
     copy_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # load_state_dict would share the moments
+    if lr is not None:
+        copy_opt.param_groups[0]["lr"] = lr
     for _ in range(steps):
         copy_opt.zero_grad()
         ug.discriminator_loss(*copy_d(torch.cat([real, fake.detach()])).split(len(real))).backward()
@@ -50,11 +52,12 @@ def unrolled_by_torch_adam(discriminator, optimizer, real, fake, steps):
     return copy_d.requires_grad_(False)
 
 
-def test_unrolled_parameters_equal_k_steps_of_torch_adam(tiny_problem):
+@pytest.mark.parametrize("unroll_lr", [None, 0.01])  # None: D's own learning rate
+def test_unrolled_parameters_equal_k_steps_of_torch_adam(tiny_problem, unroll_lr):
     generator, discriminator, optimizer, real, z = tiny_problem
     fake = generator(z)
-    ours = ug.unrolled_parameters(discriminator, optimizer, real, fake, steps=3)
-    theirs = dict(unrolled_by_torch_adam(discriminator, optimizer, real, fake, steps=3).named_parameters())
+    ours = ug.unrolled_parameters(discriminator, optimizer, real, fake, steps=3, lr=unroll_lr)
+    theirs = dict(unrolled_by_torch_adam(discriminator, optimizer, real, fake, 3, unroll_lr).named_parameters())
     for name, value in ours.items():
         torch.testing.assert_close(value.detach(), theirs[name], rtol=0, atol=1e-9)  # eps^2 vs eps: ~1e-11 here
         assert not torch.equal(value.detach(), dict(discriminator.named_parameters())[name])
