@@ -235,17 +235,17 @@ def max_likelihood(centres: torch.Tensor, variance: float) -> float:
     return float(mixture_log_likelihood(along, centres, variance).exp().max())  # t = 0 is the origin
 
 
-def discriminator_loss(real_embeddings, fake_embeddings, centres, variance: float, lam: float) -> torch.Tensor:
-    """-(log lk(D(x)) + log(lambda - lk(D(G(z))))): real embeddings into the mixture, fakes out of it."""
-    real_term = mixture_log_likelihood(real_embeddings, centres, variance)
-    fake_lk = mixture_log_likelihood(fake_embeddings, centres, variance).exp()
-    return -(real_term.mean() + torch.log(LOG_EPS + (lam - fake_lk).clamp_min(0)).mean())
-
-
 def generator_loss(fake_embeddings, centres, variance: float, lam: float) -> torch.Tensor:
     """log(lambda - lk(D(G(z)))), minimised: the generator pulls its embeddings onto the mixture's centres."""
     fake_lk = mixture_log_likelihood(fake_embeddings, centres, variance).exp()
     return torch.log(LOG_EPS + (lam - fake_lk).clamp_min(0)).mean()
+
+
+def discriminator_loss(real_embeddings, fake_embeddings, centres, variance: float, lam: float) -> torch.Tensor:
+    """-(log lk(D(x)) + log(lambda - lk(D(G(z))))): real embeddings into the mixture, fakes out of it.
+    The fake term is exactly the generator's loss, which D maximises."""
+    real_term = mixture_log_likelihood(real_embeddings, centres, variance).mean()
+    return -(real_term + generator_loss(fake_embeddings, centres, variance, lam))
 
 
 @torch.no_grad()
@@ -275,6 +275,8 @@ if __name__ == "__main__":
         eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
     if args.embedding_dim < 1 or args.cov_scale <= 0:
         eval_fid.fail(f"--embedding-dim must be >= 1 and --cov-scale > 0, got {args.embedding_dim} and {args.cov_scale}")
+    if args.batch_size < 1 or args.toy_steps_per_epoch < 1:
+        eval_fid.fail(f"--batch-size and --toy-steps-per-epoch must be >= 1, got {args.batch_size}, {args.toy_steps_per_epoch}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
         eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
@@ -321,10 +323,11 @@ if __name__ == "__main__":
     generator = (ToyGenerator(args.latent_dim) if toy else Generator(args.latent_dim)).to(device)
     discriminator = (ToyDiscriminator if toy else Discriminator)(args.embedding_dim).to(device)
     simplex = simplex_centres(args.embedding_dim).to(device)
-    lam = args.mixture_lambda if args.mixture_lambda is not None else max_likelihood(simplex, args.cov_scale)
+    peak = max_likelihood(simplex, args.cov_scale)
+    lam = args.mixture_lambda if args.mixture_lambda is not None else peak
     mixture = dict(centres=simplex, variance=args.cov_scale, lam=lam)
     print(f"mixture: {args.embedding_dim + 1} components on a simplex in R^{args.embedding_dim}, lambda = {lam:.6g}")
-    if max_likelihood(simplex, args.cov_scale) > 1.01 * mixture_log_likelihood(simplex[:1], simplex, args.cov_scale).exp():
+    if peak > 1.01 * mixture_log_likelihood(simplex[:1], simplex, args.cov_scale).exp():
         print(f"warning: with --cov-scale {args.cov_scale} the components merge: lk peaks between the centres, "
               f"not at them; a smaller --cov-scale gives the {args.embedding_dim + 1} modes MD-GAN relies on")
     fused = device.type in ("cuda", "cpu")  # one kernel per step instead of one per parameter tensor

@@ -220,7 +220,8 @@ def unrolled_parameters(
     (beta1, beta2), eps = group["betas"], group["eps"]
     names, weights = zip(*discriminator.named_parameters())
     state = [optimizer.state.get(w, {}) for w in weights]
-    step = float(state[0]["step"]) if "step" in state[0] else 0.0
+    # A tensor, not float(): fused Adam keeps `step` on the GPU, and reading it would sync every generator step.
+    step = torch.as_tensor(state[0].get("step", 0.0), dtype=weights[0].dtype, device=weights[0].device).clone()
     params = [w.detach().requires_grad_() for w in weights]
     exp_avg = [s["exp_avg"] if "exp_avg" in s else torch.zeros_like(w) for s, w in zip(state, weights)]
     exp_avg_sq = [s["exp_avg_sq"] if "exp_avg_sq" in s else torch.zeros_like(w) for s, w in zip(state, weights)]
@@ -266,6 +267,8 @@ if __name__ == "__main__":
         eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
     if args.unroll_steps < 0:
         eval_fid.fail(f"--unroll-steps must be 0 or more, got {args.unroll_steps}")
+    if args.batch_size < 1 or args.toy_steps_per_epoch < 1:
+        eval_fid.fail(f"--batch-size and --toy-steps-per-epoch must be >= 1, got {args.batch_size}, {args.toy_steps_per_epoch}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
         eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")

@@ -33,6 +33,12 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cleangan_cache")
 
 
+def tiny_mnist_flags(cache_dir: Path) -> list:
+    """Offline data and weights, the session cache, 128 training images, FID on 16 samples against 16 test images."""
+    return ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
+            "--num-train-images", 128, "--eval-samples", 16, "--reference-size", 16]  # fmt: skip
+
+
 def run_script(script: str, *args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts as a user would, from `cwd`."""
     result = subprocess.run(

@@ -8,7 +8,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 import mdgan
-from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, run_script
+from conftest import needs_inception, needs_mnist, run_script, tiny_mnist_flags
 
 
 @pytest.mark.parametrize("dim", [1, 2, 9])
@@ -93,9 +93,5 @@ def test_grid9_smoke_run(tmp_path):
 @needs_mnist
 @needs_inception
 def test_mnist_smoke_run_reports_fid(tmp_path, cache_dir):
-    result = run_script(
-        "mdgan.py", "--dataset", "mnist", "--epochs", 1, "--data-dir", DATA_DIR,
-        "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir, "--num-train-images", 128,
-        "--eval-samples", 16, "--reference-size", 16, cwd=tmp_path,
-    )  # fmt: skip
+    result = run_script("mdgan.py", "--dataset", "mnist", "--epochs", 1, *tiny_mnist_flags(cache_dir), cwd=tmp_path)
     assert "FID" in result.stdout.strip().splitlines()[-1]

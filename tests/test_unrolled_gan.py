@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import unrolled_gan as ug
-from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, run_script
+from conftest import needs_inception, needs_mnist, run_script, tiny_mnist_flags
 
 
 class TinyDiscriminator(nn.Module):
@@ -149,17 +149,19 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     assert other_data.returncode == 2 and "was trained with --dataset ring8" in other_data.stderr
 
 
-def test_negative_unroll_steps_is_one_line_error(tmp_path):
-    result = run_script("unrolled_gan.py", "--unroll-steps", -1, cwd=tmp_path, check=False)
-    assert result.returncode == 2 and result.stderr.strip() == "error: --unroll-steps must be 0 or more, got -1"
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--unroll-steps", -1], "--unroll-steps must be 0 or more, got -1"),
+     (["--batch-size", 0], "--batch-size and --toy-steps-per-epoch must be >= 1, got 0, 1000")],
+)  # fmt: skip
+def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
+    result = run_script("unrolled_gan.py", *flags, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {message}"
 
 
 @needs_mnist
 @needs_inception
 def test_mnist_smoke_run_reports_fid(tmp_path, cache_dir):
-    result = run_script(
-        "unrolled_gan.py", "--dataset", "mnist", "--unroll-steps", 1, "--epochs", 1, "--data-dir", DATA_DIR,
-        "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir, "--num-train-images", 128,
-        "--eval-samples", 16, "--reference-size", 16, cwd=tmp_path,
-    )  # fmt: skip
+    flags = ["--dataset", "mnist", "--unroll-steps", 1, "--epochs", 1, *tiny_mnist_flags(cache_dir)]
+    result = run_script("unrolled_gan.py", *flags, cwd=tmp_path)
     assert "FID" in result.stdout.strip().splitlines()[-1]
