@@ -127,6 +127,19 @@ def save_samples_png(samples: torch.Tensor, out_dir: str) -> None:
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(Path(out_dir) / f"{i:06d}.png")
 
 
+def save_samples(samples: torch.Tensor, path: str) -> None:
+    """Samples as uint8 PNGs when `path` is a folder, else as one uint8 (N, C, H, W) tensor in a .pt or .npz file."""
+    if Path(path).suffix not in (".pt", ".npz"):
+        save_samples_png(samples, path)
+        return
+    images = (to_unit_range(samples.cpu()) * 255).round().to(torch.uint8)
+    if Path(path).suffix == ".pt":
+        atomic_save(images, path)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, samples=images.numpy())
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves a torn file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -445,6 +458,18 @@ def format_table(metrics: dict) -> str:
     """Metrics as a two-column Markdown table (what the scripts print and log)."""
     rows = [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     return "\n".join(["| metric | value |", "|---|---|", *rows])
+
+
+def format_comparison(columns: dict[str, dict]) -> str:
+    """Metrics of several sample sets side by side, one Markdown column per set (keys of the first set)."""
+    names = list(columns)
+    keys = [k for k, v in columns[names[0]].items() if isinstance(v, (int, float))]
+
+    def cell(value) -> str:
+        return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    rows = [f"| {k} | " + " | ".join(cell(columns[n].get(k)) for n in names) + " |" for k in keys]
+    return "\n".join(["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|", *rows])
 
 
 # ---------------------------------------------------------------------------------------------

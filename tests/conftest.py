@@ -47,3 +47,71 @@ def run_script(script: str, *args, cwd: Path, check: bool = True) -> subprocess.
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def mnist_train_images(count: int) -> tuple:
+    """The first `count` MNIST training images as floats in [-1, 1] (N, 1, 28, 28) and their labels."""
+    import torchvision
+
+    dataset = torchvision.datasets.MNIST(root=DATA_DIR, train=True, download=False)
+    return (dataset.data[:count].float() / 127.5 - 1).unsqueeze(1), dataset.targets[:count]
+
+
+def separating_discriminator(discriminator, generator, latent_dim: int = 100, steps: int = 30):
+    """`discriminator` after a few BCE steps on real digits vs `generator`'s outputs: it scores the reals higher."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    reals = mnist_train_images(256)[0]
+    optimizer = torch.optim.Adam(discriminator.parameters(), lr=2e-4)
+    for _ in range(steps):
+        with torch.no_grad():
+            fakes = generator(torch.randn(64, latent_dim))
+        logits = discriminator(torch.cat([reals[torch.randint(256, (64,))], fakes])).squeeze()
+        loss = F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones(64), torch.zeros(64)]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return discriminator
+
+
+def digit_template_generator(gain: float = 50.0):
+    """vanilla_gan's imposed MLP set by hand so that G(z) is a real training digit, chosen by the decile of z[0].
+
+    Layer 1 makes steep ramps u_k = gain * (z[0] - t_k) and u_k - 1 at the 9 inner deciles t_k of N(0, 1);
+    layers 2-3 pass them on (LeakyReLU keeps u >= 0, shrinks u < 0 to 0.008u); the last layer adds, per ramp
+    pair, the difference of consecutive digit templates. Each digit then has probability 1/10, which a
+    generator trained for seconds cannot promise.
+    """
+    import torch
+    from scipy.stats import norm
+
+    import vanilla_gan
+
+    images, labels = mnist_train_images(1000)
+    templates = torch.stack([images[labels == d][0].flatten() for d in range(10)])
+    preimages = torch.atanh(0.98 * templates)  # the Tanh at the end outputs the digit itself
+    knots = torch.tensor(norm.ppf([k / 10 for k in range(1, 10)]), dtype=torch.float32)
+    generator = vanilla_gan.Generator(100)
+    first, second, third, last = (layer for layer in generator.net if isinstance(layer, torch.nn.Linear))
+    with torch.no_grad():
+        for layer in (first, second, third, last):
+            layer.weight.zero_(), layer.bias.zero_()
+        first.weight[:18, 0] = gain
+        first.bias[:18] = (-gain * knots).repeat_interleave(2) - torch.tensor([0.0, 1.0]).repeat(9)
+        second.weight[:18, :18] = torch.eye(18)
+        third.weight[:18, :18] = torch.eye(18)
+        steps = preimages[1:] - preimages[:-1]  # (9, 784)
+        last.weight[:, 0:18:2], last.weight[:, 1:18:2] = steps.T, -steps.T
+        last.bias.copy_(preimages[0])
+    return generator, templates
+
+
+def write_checkpoint(path: Path, generator, score_network, score_key: str = "discriminator") -> Path:
+    """A checkpoint in the training scripts' format with just what the post-hoc samplers read."""
+    import torch
+
+    torch.save({"generator": generator.state_dict(), score_key: score_network.state_dict(), "epoch": 1,
+                "args": {"latent_dim": 100, "conditional": False}, "run_name": path.stem}, path)  # fmt: skip
+    return path
