@@ -55,7 +55,7 @@ class Args:
 
     # calibration of D's output into a logit of p_data / p_G
     calibrate: bool = True
-    """Platt-scale D's output on held-out real vs fresh fake images (needed for a WGAN critic, whose score is no logit)"""
+    """Platt-scale D's output on real vs fresh fake images into a logit (needed for a WGAN critic, whose score is no logit)"""
     calibration_size: int = 10000
     """real images (the last N of MNIST train) and as many fresh fakes for the calibration"""
 
@@ -227,7 +227,7 @@ if __name__ == "__main__":
     # The base sampler first, so that its samples are the same G(z) as latent_adapt.py's base with the same seed.
     base_samples = in_batches(generator, latents(args.num_samples))
 
-    # Calibration: a*D(x) + b fitted to tell held-out reals from fresh fakes. Only a matters to DRS (b cancels in
+    # Calibration: a*D(x) + b fitted to tell reals (MNIST train's last images) from fresh fakes. Only a matters to DRS (b cancels in
     # D~ - D*_max): it converts the score's units into logit units. For vanilla D it fixes over/under-confidence.
     scale, shift = 1.0, 0.0
     if args.calibrate:
@@ -283,7 +283,7 @@ if __name__ == "__main__":
         grid = torchvision.utils.make_grid(samples[:100], nrow=10, normalize=True, value_range=(-1, 1))
         writer.add_image(f"samples/{name}", grid)
         torchvision.utils.save_image(grid, f"{run_dir}/samples_{name}.png")
-        writer.add_histogram(f"logits/{name}", calibrated_logits(samples.to(device)).cpu())
+        writer.add_histogram(f"logits/{name}", in_batches(calibrated_logits, samples.to(device)).cpu())
     writer.add_histogram("logits/all_proposals", torch.cat(logit_log))
     writer.add_scalar("drs/acceptance_rate", acceptance_rate)
     writer.add_scalar("drs/proposals", needed)

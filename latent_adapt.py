@@ -280,7 +280,7 @@ if __name__ == "__main__":
     results = {}
     for name, samples in (("base", base_samples), ("adapted", adapted_samples)):
         results[name] = evaluator.fast(samples) if args.fast_only else evaluator.full(samples)
-        # Ten samples of each digit per row for the adapted set (it is grouped by digit); the first 100 for the base.
+        # Adapted (grouped by digit): column j shows ten samples of digit j. Base: its first 100 samples.
         shown = samples.view(NUM_CLASSES, args.per_class, 1, 28, 28)[:, :10].transpose(0, 1).flatten(0, 1) if (
             name == "adapted" and args.per_class >= 10) else samples[:100]  # fmt: skip
         grid = torchvision.utils.make_grid(shown, nrow=10, normalize=True, value_range=(-1, 1))
