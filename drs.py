@@ -227,8 +227,9 @@ if __name__ == "__main__":
     # The base sampler first, so that its samples are the same G(z) as latent_adapt.py's base with the same seed.
     base_samples = in_batches(generator, latents(args.num_samples))
 
-    # Calibration: a*D(x) + b fitted to tell reals (MNIST train's last images) from fresh fakes. Only a matters to DRS (b cancels in
-    # D~ - D*_max): it converts the score's units into logit units. For vanilla D it fixes over/under-confidence.
+    # Calibration: a*D(x) + b fitted to tell reals (MNIST train's last images) from fresh fakes. Only a matters to
+    # DRS (b cancels in D~ - D*_max): it turns the score's units into logit units; for vanilla D it fixes over- or
+    # under-confidence.
     scale, shift = 1.0, 0.0
     if args.calibrate:
         reals = (calibration_reals.float() / 127.5 - 1).unsqueeze(1).to(device)
