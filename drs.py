@@ -240,7 +240,7 @@ if __name__ == "__main__":
             eval_fid.fail(f"D scores the fakes above the reals (Platt slope {scale:.3g}); rejection by D cannot help")
         accuracy = ((real_scores * scale + shift > 0).float().mean() + (fake_scores * scale + shift < 0).float().mean()) / 2
         print(f"calibration on {len(reals)} real + {len(reals)} fake images: logit = {scale:.4g} * D + {shift:.4g}, "
-              f"held-out accuracy {accuracy.item():.3f}")  # fmt: skip
+              f"accuracy {accuracy.item():.3f} on them")  # fmt: skip
 
     def calibrated_logits(images: torch.Tensor) -> torch.Tensor:
         return discriminator(images).float() * scale + shift
