@@ -260,7 +260,7 @@ if __name__ == "__main__":
         max_logit = torch.maximum(max_logit, logits.max())
         score = drs_score(logits, max_logit, args.epsilon)
         gamma = torch.quantile(score, args.gamma_percentile / 100) if args.gamma is None else args.gamma
-        keep = torch.rand(len(images), device=device) < torch.sigmoid(score - gamma)
+        keep = torch.rand(len(images), device=device) < acceptance_probability(logits, max_logit, args.epsilon, gamma)
         kept = int(keep.sum())  # the one host sync per batch of proposals
         if num_accepted + kept >= args.num_samples:  # count exactly the proposals the last needed sample took
             last_needed = keep.nonzero()[args.num_samples - num_accepted - 1].item()
