@@ -49,6 +49,12 @@ def run_script(script: str, *args, cwd: Path, check: bool = True) -> subprocess.
     return result
 
 
+def only_run_dir(cwd: Path) -> Path:
+    """The one run folder a script wrote under `cwd`/runs (fails if there are several)."""
+    (run_dir,) = (Path(cwd) / "runs").iterdir()
+    return run_dir
+
+
 def mnist_train_images(count: int) -> tuple:
     """The first `count` MNIST training images as floats in [-1, 1] (N, 1, 28, 28) and their labels."""
     import torchvision

@@ -10,8 +10,8 @@ import torch
 import drs
 import vanilla_gan
 import wgan_gp
-from conftest import (DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, run_script, separating_discriminator,
-                      write_checkpoint)  # fmt: skip
+from conftest import (DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, only_run_dir, run_script,
+                      separating_discriminator, write_checkpoint)  # fmt: skip
 
 
 def test_acceptance_probability_equals_the_papers_formula_on_known_logits():
@@ -80,7 +80,7 @@ def run_drs(tmp_path, cache_dir, checkpoint, *extra, check=True):
 @needs_inception
 def test_drs_on_a_critic_writes_metrics_grids_and_samples(tmp_path, cache_dir, checkpoints):
     result = run_drs(tmp_path, cache_dir, checkpoints["critic"], "--save-samples", tmp_path / "drs.pt")
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = only_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["source"]["score"] == "critic" and metrics["calibration"]["scale"] > 0
     assert metrics["proposals"] >= 16 and metrics["acceptance_rate"] == pytest.approx(16 / metrics["proposals"])

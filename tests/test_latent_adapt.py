@@ -8,7 +8,7 @@ import torch
 
 import latent_adapt
 from conftest import DATA_DIR, INCEPTION_WEIGHTS, digit_template_generator, needs_inception, needs_mnist, run_script
-from conftest import separating_discriminator, write_checkpoint
+from conftest import only_run_dir, separating_discriminator, write_checkpoint
 
 
 def test_class_gaussian_fit_recovers_known_means_and_variances():
@@ -84,7 +84,7 @@ def test_latent_adapt_end_to_end_on_a_generator_of_real_digits(tmp_path, cache_d
     tiny = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
             "--reference-size", 16, "--per-class", 3, "--num-latents", 500, "--batch-size", 100]  # fmt: skip
     result = run_script("latent_adapt.py", checkpoint, *tiny, "--save-samples", tmp_path / "pngs", cwd=tmp_path)
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = only_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["adapted"]["class_histogram"] == [3] * 10 and metrics["adapted"]["digits_covered"] == 10
     assert {"fid", "precision", "recall"} <= set(metrics["base"]) and {"fid", "precision", "recall"} <= set(metrics["adapted"])

@@ -8,7 +8,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 import mdgan
-from conftest import needs_inception, needs_mnist, run_script, tiny_mnist_flags
+from conftest import needs_inception, needs_mnist, only_run_dir, run_script, tiny_mnist_flags
 
 
 @pytest.mark.parametrize("dim", [1, 2, 9])
@@ -86,7 +86,7 @@ def test_grid9_smoke_run(tmp_path):
         "--eval-samples", 500, "--log-every", 10, cwd=tmp_path,
     )  # fmt: skip
     assert "lambda = " in result.stdout and "modes covered" in result.stdout.strip().splitlines()[-1]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = only_run_dir(tmp_path)
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "metrics.json").exists()
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import unrolled_gan as ug
-from conftest import needs_inception, needs_mnist, run_script, tiny_mnist_flags
+from conftest import needs_inception, needs_mnist, only_run_dir, run_script, tiny_mnist_flags
 
 
 class TinyDiscriminator(nn.Module):
@@ -137,7 +137,7 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     tiny = ["--dataset", "ring8", "--unroll-steps", 2, "--toy-steps-per-epoch", 20, "--batch-size", 64,
             "--eval-samples", 500, "--log-every", 10]  # fmt: skip
     result = run_script("unrolled_gan.py", *tiny, "--epochs", 1, cwd=tmp_path)
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = only_run_dir(tmp_path)
     assert "modes covered" in result.stdout.strip().splitlines()[-1]
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "best.pt").exists()
     resumed = run_script("unrolled_gan.py", *tiny, "--epochs", 2, "--resume", run_dir / "checkpoint.pt", cwd=tmp_path)

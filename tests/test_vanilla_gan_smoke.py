@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, run_script
+from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, only_run_dir, run_script
 
 pytestmark = [needs_mnist, needs_inception]
 
@@ -15,11 +15,6 @@ def train(tmp_path, cache_dir, *extra, check=True):
     tiny = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
             "--num-train-images", 256, "--eval-samples", 32, "--reference-size", 32, "--log-every", 2]  # fmt: skip
     return run_script("vanilla_gan.py", *tiny, *extra, cwd=tmp_path, check=check)
-
-
-def only_run_dir(tmp_path):
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import wgan_clip
 import wgan_gp
-from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, run_script
+from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, only_run_dir, run_script
 
 
 class LinearCritic(nn.Module):
@@ -96,17 +96,12 @@ SMOKE = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--nu
          "--eval-samples", 40, "--reference-size", 32, "--log-every", 1]  # fmt: skip
 
 
-def run_dir_of(cwd):
-    (run_dir,) = (cwd / "runs").iterdir()
-    return run_dir
-
-
 @needs_mnist
 @needs_inception
 @pytest.mark.parametrize("extra", [[], ["--generator-bn", "--critic-boost", "--boost-iters", 3, "--boost-first", 2, "--boost-every", 4]])
 def test_wgan_clip_runs_counts_critic_steps_and_keeps_weights_clipped(tmp_path, cache_dir, extra):
     run_script("wgan_clip.py", *SMOKE, "--cache-dir", cache_dir, "--epochs", 2, *extra, cwd=tmp_path)
-    checkpoint = torch.load(run_dir_of(tmp_path) / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=False)
     boost = {"iters": 3, "first": 2, "every": 4} if extra else None
     assert checkpoint["critic_step"] == 40
     assert checkpoint["global_step"] == expected_generator_steps(40, 5, boost)
@@ -118,7 +113,7 @@ def test_wgan_clip_runs_counts_critic_steps_and_keeps_weights_clipped(tmp_path, 
 def test_wgan_gp_conditional_run_reports_label_accuracy_and_logs_the_wasserstein_estimate(tmp_path, cache_dir):
     run_script("wgan_gp.py", "--lambda-gp", 10, "--n-critic", 5, "--conditional", *SMOKE, "--cache-dir", cache_dir,
                "--epochs", 1, cwd=tmp_path)  # fmt: skip
-    run_dir = run_dir_of(tmp_path)
+    run_dir = only_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["final"]["label_accuracy"] <= 1.0 and metrics["step"] == 4
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -132,15 +127,15 @@ def test_wgan_gp_conditional_run_reports_label_accuracy_and_logs_the_wasserstein
 def test_wgan_gp_resume_and_fine_tune_with_scaled_learning_rates(tmp_path, cache_dir):
     common = [*SMOKE, "--cache-dir", cache_dir]
     run_script("wgan_gp.py", *common, "--epochs", 1, cwd=tmp_path)
-    first = run_dir_of(tmp_path)
+    first = only_run_dir(tmp_path)
     resumed = run_script("wgan_gp.py", *common, "--epochs", 2, "--resume", first / "checkpoint.pt", cwd=tmp_path)
-    assert "at epoch 1, step 4" in resumed.stdout and run_dir_of(tmp_path) == first
+    assert "at epoch 1, step 4" in resumed.stdout and only_run_dir(tmp_path) == first
     assert torch.load(first / "checkpoint.pt", weights_only=False)["critic_step"] == 40
 
     fine_dir = tmp_path / "fine"
     fine_dir.mkdir()
     run_script("wgan_gp.py", *common, "--fine-tune-from", first / "best.pt", "--lr-scale", 0.5, "--epochs", 1, cwd=fine_dir)
-    tuned = torch.load(run_dir_of(fine_dir) / "checkpoint.pt", weights_only=False)
+    tuned = torch.load(only_run_dir(fine_dir) / "checkpoint.pt", weights_only=False)
     assert tuned["epoch"] == 1 and tuned["run_name"] != first.name  # a new run, one more epoch
     assert [g["lr"] for g in tuned["optimizer_g"]["param_groups"]] == [0.5e-4]
     assert [g["lr"] for g in tuned["optimizer_c"]["param_groups"]] == [0.5e-4]
