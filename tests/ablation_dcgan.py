@@ -39,7 +39,8 @@ def main():
     parser.add_argument("extra", nargs="*", help="arguments for every dcgan.py run (after --)")
     args = parser.parse_args()
 
-    rows = ["| trick | flags | FID | precision | recall | classifier FID | digits | train min |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| trick | flags | FID | precision | recall | classifier FID | digits | train min |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, flags in CONFIGS.items():
         if args.only and name not in args.only:
             continue
