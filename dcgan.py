@@ -68,7 +68,7 @@ class Args:
 
     # the tricks
     conditional: bool = False
-    """one-hot label concatenated to z in G and to the first dense layer of D; logs a per-class grid"""
+    """one-hot label concatenated to z in G and projected onto D's features at its dense layer; logs a per-class grid"""
     real_label: float = 1.0
     """discriminator target for real images: 0.9 is one-sided label smoothing"""
     fake_label: float = 0.0
@@ -198,8 +198,10 @@ class MinibatchDiscrimination(nn.Module):
 class Discriminator(nn.Module):
     """conv 5x5 s2 -> 64, LReLU(0.2); conv 5x5 s2 -> 128, [BN], LReLU(0.2); [minibatch disc]; dense -> 1 (a logit).
 
-    Conditional: the one-hot joins a hidden dense layer of 256 units. Concatenated straight before a linear output
-    it could only shift the logit per class; the hidden layer lets D judge whether image and label go together.
+    Conditional: the label enters the dense layer as a projection (Miyato & Koyama 2018, arXiv:1802.05637): the logit
+    gains <embed(y), features>, i.e. the one-hot times a learned matrix dotted with the features. A plain one-hot
+    concatenated before the output could only shift the logit per class; concatenated to a hidden dense layer it
+    collapsed every label to one image (README, dcgan ablation); the projection lets D judge image and label together.
     """
 
     def __init__(self, args: Args):
@@ -213,16 +215,16 @@ class Discriminator(nn.Module):
         width = 128 * 7 * 7
         self.minibatch = MinibatchDiscrimination(width, *args.minibatch_disc) if args.minibatch_disc else nn.Identity()
         width += args.minibatch_disc[0] if args.minibatch_disc else 0
-        if args.conditional:
-            self.head = nn.Sequential(nn.Linear(width + NUM_CLASSES, 256), nn.LeakyReLU(0.2), nn.Linear(256, 1))
-        else:
-            self.head = nn.Linear(width, 1)
+        self.head = nn.Linear(width, 1)
+        if args.conditional:  # one row per class; the same N(0, 0.02) start as the dense weights
+            self.label_projection = nn.Parameter(0.02 * torch.randn(NUM_CLASSES, width))
 
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.minibatch(self.features(x))
+        logits = self.head(h).squeeze(1)
         if self.conditional:
-            h = torch.cat([h, F.one_hot(labels, NUM_CLASSES).to(h.dtype)], dim=1)
-        return self.head(h).squeeze(1)
+            logits = logits + (self.label_projection[labels].to(h.dtype) * h).sum(1)
+        return logits
 
 
 def dcgan_init(module: nn.Module):

@@ -39,8 +39,8 @@ def main():
     parser.add_argument("extra", nargs="*", help="arguments for every dcgan.py run (after --)")
     args = parser.parse_args()
 
-    rows = ["| trick | flags | FID | precision | recall | classifier FID | digits | train min |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| trick | flags | FID | precision | recall | classifier FID | digits | as asked | train min |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, flags in CONFIGS.items():
         if args.only and name not in args.only:
             continue
@@ -51,14 +51,15 @@ def main():
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"{name}: dcgan.py failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-            rows.append(f"| {name} | `{' '.join(flags)}` | failed | | | | | |")
+            rows.append(f"| {name} | `{' '.join(flags)}` | failed | | | | | | |")
             continue
         run_name = result.stdout.strip().splitlines()[-1].split(":")[0]
         summary = json.loads(Path(f"runs/{run_name}/metrics.json").read_text())
         final = summary["final"]
+        as_asked = f"{final['label_accuracy']:.1%}" if "label_accuracy" in final else "-"  # conditional runs only
         rows.append(f"| {name} | `{' '.join(flags)}` | {final['fid']:.2f} | {final['precision']:.3f} | "
                     f"{final['recall']:.3f} | {final['classifier_fid']:.2f} | {final['digits_covered']}/10 | "
-                    f"{summary['train_seconds'] / 60:.1f} |")  # fmt: skip
+                    f"{as_asked} | {summary['train_seconds'] / 60:.1f} |")  # fmt: skip
         print(f"{name}: FID {final['fid']:.2f} ({run_name}, {time.time() - started:.0f}s)", flush=True)
     print("\n".join(rows))
 

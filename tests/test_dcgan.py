@@ -83,7 +83,7 @@ def test_every_kernel_size_maps_z_to_28x28_and_back_to_one_logit(kernel_size):
 
 
 def test_conditional_discriminator_can_tell_labels_apart():
-    """The label must reach a hidden layer: D's logit for one image differs by label beyond a per-class shift."""
+    """The label is projected onto the image's features: switching it changes the logit by an image-dependent amount."""
     torch.manual_seed(0)
     discriminator = dcgan.Discriminator(dcgan.Args(conditional=True))
     images = torch.randn(2, 1, 28, 28)
