@@ -223,7 +223,10 @@ class Discriminator(nn.Module):
         h = self.minibatch(self.features(x))
         logits = self.head(h).squeeze(1)
         if self.conditional:
-            logits = logits + (self.label_projection[labels].to(h.dtype) * h).sum(1)
+            # A one-hot product rather than label_projection[labels]: indexing's backward accumulates rows in
+            # a thread-dependent order on CPU, so the same seed would not give the same weights.
+            one_hot = F.one_hot(labels, NUM_CLASSES).to(h.dtype)
+            logits = logits + ((one_hot @ self.label_projection.to(h.dtype)) * h).sum(1)
         return logits
 
 

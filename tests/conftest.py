@@ -6,14 +6,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock  # comes with torch
+
+
+def _share_the_cores_between_xdist_workers():
+    """Each xdist worker (and the scripts it runs) gets its share of the cores, set before torch is imported:
+    two workers of two threads each on two cores made the suite slower than one worker (OpenMP threads spin)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+_share_the_cores_between_xdist_workers()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CLEANGAN_SHARED", REPO.parent / "shared"))
 DATA_DIR = SHARED / "data"
 INCEPTION_WEIGHTS = SHARED / "weights" / "pt_inception-2015-12-05-pool3.pth"
 
+MNIST_PRESENT = (DATA_DIR / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
 needs_mnist = pytest.mark.skipif(
-    not (DATA_DIR / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists(),
+    not MNIST_PRESENT,
     reason=f"MNIST raw files not found under {DATA_DIR} (tests never download)",
 )
 needs_inception = pytest.mark.skipif(
@@ -29,8 +42,20 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One cache for the whole session: the digit classifier is trained once (~45 s on 2 cores)."""
-    return tmp_path_factory.mktemp("cleangan_cache")
+    """One cache for the whole session, shared by the xdist workers: the MNIST digit classifier is trained once
+    (~45 s on 2 cores), by whichever worker comes first, while the others wait for it."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if "PYTEST_XDIST_WORKER" in os.environ else root  # the workers' common folder
+    cache = root / "cleangan_cache"
+    with FileLock(str(root / "cleangan_cache.lock")):
+        cache.mkdir(exist_ok=True)
+        if MNIST_PRESENT:
+            import torch
+
+            import eval_fid
+
+            eval_fid.load_or_train_classifier("MNIST", str(DATA_DIR), cache, torch.device("cpu"))
+    return cache
 
 
 def tiny_mnist_flags(cache_dir: Path) -> list:
