@@ -41,7 +41,7 @@ def test_likelihood_matches_torch_distributions_and_the_closed_form_at_a_centre(
 
 
 def test_lambda_is_the_maximum_and_sits_at_a_centre():
-    centres, variance = mdgan.simplex_centres(9), mdgan.Args.cov_scale
+    centres, variance = mdgan.simplex_centres(9), mdgan.MNIST_DEFAULTS["cov_scale"]
     lam = mdgan.max_likelihood(centres, variance)
     at_centres = mdgan.mixture_log_likelihood(centres, centres, variance).exp()
     assert (at_centres <= lam).all() and lam == pytest.approx(at_centres[0].item(), rel=1e-3)
@@ -58,7 +58,7 @@ def test_lambda_is_the_maximum_and_sits_at_a_centre():
 
 
 def test_with_the_authors_wider_components_lambda_is_found_at_the_origin():
-    centres, variance = mdgan.simplex_centres(9), 0.25
+    centres, variance = mdgan.simplex_centres(9), mdgan.TOY_DEFAULTS["cov_scale"]
     at_origin = mdgan.mixture_log_likelihood(torch.zeros(1, 9), centres, variance).exp().item()
     at_centre = mdgan.mixture_log_likelihood(centres[:1], centres, variance).exp().item()
     assert at_origin > at_centre and mdgan.max_likelihood(centres, variance) == pytest.approx(at_origin, rel=1e-6)
@@ -86,6 +86,7 @@ def test_grid9_smoke_run(tmp_path):
         "--eval-samples", 500, "--log-every", 10, cwd=tmp_path,
     )  # fmt: skip
     assert "lambda = " in result.stdout and "modes covered" in result.stdout.strip().splitlines()[-1]
+    assert "note: at --cov-scale 0.25 the components merge" in result.stdout  # the 2-D default is the authors' 0.25
     run_dir = only_run_dir(tmp_path)
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "metrics.json").exists()
 
@@ -95,3 +96,4 @@ def test_grid9_smoke_run(tmp_path):
 def test_mnist_smoke_run_reports_fid(tmp_path, cache_dir):
     result = run_script("mdgan.py", "--dataset", "mnist", "--epochs", 1, *tiny_mnist_flags(cache_dir), cwd=tmp_path)
     assert "FID" in result.stdout.strip().splitlines()[-1]
+    assert "note:" not in result.stdout  # MNIST's default 0.1: lk peaks at the centres
