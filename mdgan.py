@@ -60,7 +60,10 @@ class Args:
     beta2: float = 0.999
     """Adam beta2 of both networks"""
     latent_dim: Optional[int] = None
-    """dimension of the generator's Gaussian input z (default 2 on 2-D as in the authors' code, 100 on MNIST)"""
+    """dimension of the generator's input z (default 2 on 2-D as in the authors' code, 100 on MNIST)"""
+    latent: Literal["normal", "uniform"] = "normal"
+    """distribution of z: standard normal, or uniform on [-1, 1]^k as in the authors' 2-D code (on grid25 it did
+    not cover more modes than normal z: see README)"""
 
     # the method
     embedding_dim: int = 9
@@ -109,6 +112,13 @@ def mixture_modes(dataset: str) -> tuple[torch.Tensor, float]:
     side = {"grid25": 5, "grid9": 3}[dataset]
     axis = (torch.arange(side) - (side - 1) / 2) * 2.0
     return torch.cartesian_prod(axis, axis), 0.05
+
+
+def latent_noise(n: int, dim: int, distribution: str, device="cpu", generator=None) -> torch.Tensor:
+    """n inputs z for the generator, U(-1, 1)^dim or N(0, I)."""
+    if distribution == "uniform":
+        return 2 * torch.rand(n, dim, device=device, generator=generator) - 1
+    return torch.randn(n, dim, device=device, generator=generator)
 
 
 def sample_mixture(centres: torch.Tensor, std: float, n: int) -> torch.Tensor:
@@ -283,6 +293,8 @@ if __name__ == "__main__":
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
         eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
+    if checkpoint and checkpoint["args"].get("latent", "normal") != args.latent:  # before --latent, z was normal
+        eval_fid.fail(f"{args.resume} was trained with --latent {checkpoint['args'].get('latent', 'normal')}; pass it to resume")
     run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.dataset}__{args.seed}__{int(time.time())}"
     run_dir = f"runs/{run_name}"
     writer = SummaryWriter(run_dir)
@@ -320,8 +332,8 @@ if __name__ == "__main__":
         if steps_per_epoch == 0:
             eval_fid.fail(f"--num-train-images {len(train_images)} is smaller than one batch of {args.batch_size}")
     batch_order = torch.Generator().manual_seed(args.seed)
-    eval_noise = torch.randn(args.eval_samples, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + 1))
-    eval_noise = eval_noise.to(device)
+    eval_rng = torch.Generator().manual_seed(args.seed + 1)
+    eval_noise = latent_noise(args.eval_samples, args.latent_dim, args.latent, generator=eval_rng).to(device)
 
     generator = (ToyGenerator(args.latent_dim) if toy else Generator(args.latent_dim)).to(device)
     discriminator = (ToyDiscriminator if toy else Discriminator)(args.embedding_dim).to(device)
@@ -388,7 +400,7 @@ if __name__ == "__main__":
                 real = sample_mixture(centres, std, args.batch_size)
             else:
                 real = train_images[order[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]]
-            z = torch.randn(args.batch_size, args.latent_dim, device=device)
+            z = latent_noise(args.batch_size, args.latent_dim, args.latent, device)
 
             # Discriminator step: real embeddings into the simplex mixture, fake ones out (one forward pass).
             with autocast:

@@ -1,6 +1,7 @@
 """mdgan.py: the simplex mixture, its likelihood and lambda against closed forms and torch.distributions, the
 losses' direction, and smoke runs on grid9 and MNIST."""
 
+import json
 import math
 
 import pytest
@@ -80,15 +81,27 @@ def test_losses_pull_real_and_fake_embeddings_the_intended_ways():
     assert good.item() == pytest.approx(-(math.log(lk_real.item()) + math.log(mdgan.LOG_EPS + lam)), rel=1e-4)
 
 
-def test_grid9_smoke_run(tmp_path):
-    result = run_script(
-        "mdgan.py", "--dataset", "grid9", "--epochs", 1, "--toy-steps-per-epoch", 20, "--batch-size", 64,
-        "--eval-samples", 500, "--log-every", 10, cwd=tmp_path,
-    )  # fmt: skip
+def test_latent_noise_is_the_asked_distribution():
+    uniform = mdgan.latent_noise(20000, 2, "uniform", generator=torch.Generator().manual_seed(0))
+    normal = mdgan.latent_noise(20000, 2, "normal", generator=torch.Generator().manual_seed(0))
+    assert uniform.shape == normal.shape == (20000, 2)
+    assert uniform.min() >= -1 and uniform.max() <= 1
+    assert uniform.var(0) == pytest.approx(torch.full((2,), 1 / 3), abs=0.02)  # Var U(-1, 1) = 1/3
+    assert normal.abs().max() > 3 and normal.var(0) == pytest.approx(torch.ones(2), abs=0.05)
+
+
+def test_grid9_smoke_run_and_resume_guard(tmp_path):
+    toy_flags = ["--dataset", "grid9", "--toy-steps-per-epoch", 20, "--batch-size", 64, "--eval-samples", 500]
+    result = run_script("mdgan.py", *toy_flags, "--epochs", 1, "--log-every", 10, cwd=tmp_path)
     assert "lambda = " in result.stdout and "modes covered" in result.stdout.strip().splitlines()[-1]
     assert "note: at --cov-scale 0.25 the components merge" in result.stdout  # the 2-D default is the authors' 0.25
     run_dir = only_run_dir(tmp_path)
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "metrics.json").exists()
+    assert json.loads((run_dir / "metrics.json").read_text())["args"]["latent"] == "normal"
+    checkpoint = run_dir / "checkpoint.pt"
+    result = run_script("mdgan.py", *toy_flags, "--epochs", 2, "--resume", checkpoint, "--latent", "uniform",
+                        cwd=tmp_path, check=False)  # fmt: skip
+    assert result.returncode != 0 and "trained with --latent normal" in result.stderr.strip().splitlines()[-1]
 
 
 @needs_mnist
