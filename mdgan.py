@@ -55,6 +55,8 @@ class Args:
     """Adam learning rate of the generator (default 1e-3 on 2-D as in the authors' code, 2e-4 on MNIST)"""
     lr_d: Optional[float] = None
     """Adam learning rate of the discriminator (default 1e-3 on 2-D, 2e-4 on MNIST)"""
+    lr_halve_every: Optional[int] = None
+    """halve both learning rates every N generator steps, as the authors' 2-D code does every 10,000 (default: constant)"""
     beta1: float = 0.5
     """Adam beta1 of both networks (0.5 as in the authors' code)"""
     beta2: float = 0.999
@@ -119,6 +121,11 @@ def latent_noise(n: int, dim: int, distribution: str, device="cpu", generator=No
     if distribution == "uniform":
         return 2 * torch.rand(n, dim, device=device, generator=generator) - 1
     return torch.randn(n, dim, device=device, generator=generator)
+
+
+def scheduled_lr(base_lr: float, step: int, halve_every: Optional[int]) -> float:
+    """The learning rate after `step` generator steps: halved every `halve_every` steps, or constant."""
+    return base_lr * 0.5 ** (step // halve_every) if halve_every else base_lr
 
 
 def sample_mixture(centres: torch.Tensor, std: float, n: int) -> torch.Tensor:
@@ -290,6 +297,8 @@ if __name__ == "__main__":
         eval_fid.fail(f"--embedding-dim must be >= 1 and --cov-scale > 0, got {args.embedding_dim} and {args.cov_scale}")
     if args.batch_size < 1 or args.toy_steps_per_epoch < 1:
         eval_fid.fail(f"--batch-size and --toy-steps-per-epoch must be >= 1, got {args.batch_size}, {args.toy_steps_per_epoch}")
+    if args.lr_halve_every is not None and args.lr_halve_every < 1:
+        eval_fid.fail(f"--lr-halve-every must be >= 1 step, got {args.lr_halve_every}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
         eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
@@ -349,6 +358,12 @@ if __name__ == "__main__":
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused)
 
+    def set_learning_rates(step: int):
+        """Both optimisers' rates after `step` steps: the command line's, halved every --lr-halve-every steps."""
+        for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_d, args.lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(lr, step, args.lr_halve_every)
+
     start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, float("inf"), []
     if checkpoint:
         try:
@@ -358,10 +373,8 @@ if __name__ == "__main__":
             optimizer_d.load_state_dict(checkpoint["optimizer_d"])
         except (RuntimeError, ValueError, KeyError) as e:
             eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
-        for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_d, args.lr_d)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr  # the command line wins: a resumed run may change its learning rates
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
+        set_learning_rates(global_step)  # the command line wins: a resumed run may change its rates
         train_seconds, best_metric, history = checkpoint["train_seconds"], checkpoint["best_metric"], checkpoint["history"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
@@ -420,6 +433,8 @@ if __name__ == "__main__":
             optimizer_g.step()
             discriminator.requires_grad_(True)
             global_step += 1
+            if args.lr_halve_every and global_step % args.lr_halve_every == 0:
+                set_learning_rates(global_step)
 
             if global_step % args.log_every == 0:  # the only host syncs of the loop
                 d_value, g_value = d_loss.item(), g_loss.item()
@@ -435,6 +450,7 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/lk(D(G(z)))/lambda", d_fake, global_step)
                 steps_per_second = (step_in_epoch + 1) / (time.time() - epoch_start)
                 writer.add_scalar("charts/steps_per_second", steps_per_second, global_step)
+                writer.add_scalar("charts/learning_rate_g", optimizer_g.param_groups[0]["lr"], global_step)
                 print(f"epoch {epoch} step {global_step}: d_loss {d_value:.3f} g_loss {g_value:.3f} "
                       f"lk/lambda real {d_real:.3f} fake {d_fake:.3f} | {steps_per_second:.0f} steps/s")  # fmt: skip
         train_seconds += time.time() - epoch_start

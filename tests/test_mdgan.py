@@ -90,6 +90,21 @@ def test_latent_noise_is_the_asked_distribution():
     assert normal.abs().max() > 3 and normal.var(0) == pytest.approx(torch.ones(2), abs=0.05)
 
 
+def test_lr_halving_schedule_reaches_the_optimisers(tmp_path):
+    assert [mdgan.scheduled_lr(1e-3, step, 10) for step in (0, 9, 10, 25)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
+    assert mdgan.scheduled_lr(1e-3, 10**6, None) == 1e-3
+    flags = ["--dataset", "grid9", "--toy-steps-per-epoch", 20, "--batch-size", 32, "--eval-samples", 100,
+             "--lr-halve-every", 35, "--lr-g", 1e-3, "--lr-d", 2e-3]  # fmt: skip
+    run_script("mdgan.py", *flags, "--epochs", 2, cwd=tmp_path)
+    checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
+    saved = torch.load(checkpoint, weights_only=False)  # 40 steps: halved once, at step 35
+    assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(5e-4)
+    assert saved["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    run_script("mdgan.py", *flags, "--epochs", 3, "--resume", checkpoint, cwd=tmp_path)
+    saved = torch.load(checkpoint, weights_only=False)  # steps 41-60 cross no halving: the resume set the rate
+    assert saved["global_step"] == 60 and saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(5e-4)
+
+
 def test_grid9_smoke_run_and_resume_guard(tmp_path):
     toy_flags = ["--dataset", "grid9", "--toy-steps-per-epoch", 20, "--batch-size", 64, "--eval-samples", 500]
     result = run_script("mdgan.py", *toy_flags, "--epochs", 1, "--log-every", 10, cwd=tmp_path)
