@@ -92,7 +92,7 @@ def test_latent_noise_is_the_asked_distribution():
 
 def test_lr_halving_schedule_reaches_the_optimisers(tmp_path):
     assert [mdgan.scheduled_lr(1e-3, step, 10) for step in (0, 9, 10, 25)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
-    assert mdgan.scheduled_lr(1e-3, 10**6, None) == 1e-3
+    assert mdgan.scheduled_lr(1e-3, 10**6, 0) == 1e-3  # --lr-halve-every 0: constant
     flags = ["--dataset", "grid9", "--toy-steps-per-epoch", 20, "--batch-size", 32, "--eval-samples", 100,
              "--lr-halve-every", 35, "--lr-g", 1e-3, "--lr-d", 2e-3]  # fmt: skip
     run_script("mdgan.py", *flags, "--epochs", 2, cwd=tmp_path)
@@ -112,11 +112,17 @@ def test_grid9_smoke_run_and_resume_guard(tmp_path):
     assert "note: at --cov-scale 0.25 the components merge" in result.stdout  # the 2-D default is the authors' 0.25
     run_dir = only_run_dir(tmp_path)
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "metrics.json").exists()
-    assert json.loads((run_dir / "metrics.json").read_text())["args"]["latent"] == "normal"
+    run_args = json.loads((run_dir / "metrics.json").read_text())["args"]
+    assert run_args["latent"] == "normal" and run_args["lr_halve_every"] == 10000  # the authors' 2-D schedule
     checkpoint = run_dir / "checkpoint.pt"
     result = run_script("mdgan.py", *toy_flags, "--epochs", 2, "--resume", checkpoint, "--latent", "uniform",
                         cwd=tmp_path, check=False)  # fmt: skip
     assert result.returncode != 0 and "trained with --latent normal" in result.stderr.strip().splitlines()[-1]
+    earlier_nets = torch.load(checkpoint, weights_only=False)
+    del earlier_nets["toy_output_bound"]  # what a checkpoint of the linear-output 2-D generator looked like
+    torch.save(earlier_nets, checkpoint)
+    result = run_script("mdgan.py", *toy_flags, "--epochs", 2, "--resume", checkpoint, cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "earlier 2-D nets" in result.stderr.strip().splitlines()[-1]
 
 
 @needs_mnist
