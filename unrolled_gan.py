@@ -66,6 +66,9 @@ class Args:
     # the method
     unroll_steps: int = 5
     """K: discriminator updates the generator looks ahead through (0 = the plain non-saturating GAN)"""
+    generator_loss: Literal["non-saturating", "minimax"] = "non-saturating"
+    """non-saturating: G minimises -log D(G(z)); minimax: G minimises log(1 - D(G(z))), the saddle objective of
+    Metz et al.'s 2-D experiments (their code takes G's gradient of minus D's loss through the unrolled D)"""
     unroll_lr: Optional[float] = None
     """learning rate of the K look-ahead Adam updates (default: D's, as in the authors' code)"""
 
@@ -204,6 +207,11 @@ def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake_logits).mean()
 
 
+def minimax_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The saddle objective's fake term log(1 - D(G(z))), minimised by G: log(1 - sigmoid(l)) = -softplus(l)."""
+    return -F.softplus(fake_logits).mean()
+
+
 def unrolled_parameters(
     discriminator: nn.Module, optimizer: torch.optim.Adam, real: torch.Tensor, fake: torch.Tensor, steps: int,
     lr: Optional[float] = None,
@@ -314,6 +322,7 @@ if __name__ == "__main__":
 
     generator = (ToyGenerator(args.latent_dim) if toy else Generator(args.latent_dim)).to(device)
     discriminator = (ToyDiscriminator() if toy else Discriminator()).to(device)
+    g_loss_fn = minimax_generator_loss if args.generator_loss == "minimax" else generator_loss
     fused = device.type in ("cuda", "cpu")  # one kernel per step instead of one per parameter tensor
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused)
@@ -385,9 +394,9 @@ if __name__ == "__main__":
             with autocast:
                 if args.unroll_steps > 0:
                     unrolled = unrolled_parameters(discriminator, optimizer_d, real, fake, args.unroll_steps, args.unroll_lr)
-                    g_loss = generator_loss(functional_call(discriminator, unrolled, (fake,)).float())
+                    g_loss = g_loss_fn(functional_call(discriminator, unrolled, (fake,)).float())
                 else:
-                    g_loss = generator_loss(discriminator(fake).float())
+                    g_loss = g_loss_fn(discriminator(fake).float())
             optimizer_g.zero_grad(set_to_none=True)
             g_loss.backward()
             optimizer_g.step()

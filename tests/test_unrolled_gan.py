@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call
 
 import unrolled_gan as ug
@@ -99,6 +100,15 @@ def test_k1_generator_gradient_flows_through_the_update_and_matches_finite_diffe
     ug.generator_loss(detached(generator(z))).backward()
     for other in (plain_gradient, generator.weight.grad):
         assert (unrolled_gradient - other).abs().max() > 1e-3 * unrolled_gradient.abs().max()
+
+
+def test_minimax_generator_loss_is_the_saddle_objectives_fake_term():
+    logits = 3 * torch.randn(32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ug.minimax_generator_loss(logits), torch.log(1 - torch.sigmoid(logits)).mean())
+    # The authors' code gives G the gradient of minus D's loss; the real term does not depend on G.
+    real_logits = torch.randn(32, dtype=torch.float64)
+    minus_d_loss = -ug.discriminator_loss(real_logits, logits) + F.softplus(-real_logits).mean()
+    torch.testing.assert_close(ug.minimax_generator_loss(logits), minus_d_loss)
 
 
 def test_mixtures_have_the_papers_geometry():
