@@ -65,7 +65,7 @@ class Args:
 
     # the method
     unroll_steps: int = 5
-    """K: discriminator updates the generator looks ahead through (0 = the plain non-saturating GAN)"""
+    """K: discriminator updates the generator looks ahead through (0 = the plain GAN, with --generator-loss)"""
     generator_loss: Literal["non-saturating", "minimax"] = "non-saturating"
     """non-saturating: G minimises -log D(G(z)); minimax: G minimises log(1 - D(G(z))), the saddle objective of
     Metz et al.'s 2-D experiments (their code takes G's gradient of minus D's loss through the unrolled D)"""

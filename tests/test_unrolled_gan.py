@@ -145,10 +145,12 @@ def test_scatter_image_puts_points_where_they_are():
 
 def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     tiny = ["--dataset", "ring8", "--unroll-steps", 2, "--toy-steps-per-epoch", 20, "--batch-size", 64,
-            "--eval-samples", 500, "--log-every", 10]  # fmt: skip
+            "--eval-samples", 500, "--log-every", 10, "--generator-loss", "minimax"]  # fmt: skip
     result = run_script("unrolled_gan.py", *tiny, "--epochs", 1, cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
     assert "modes covered" in result.stdout.strip().splitlines()[-1]
+    g_losses = [float(line.split("g_loss ")[1].split()[0]) for line in result.stdout.splitlines() if "g_loss" in line]
+    assert g_losses and all(value < 0 for value in g_losses)  # log(1 - D) < 0; the non-saturating loss is > 0
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "best.pt").exists()
     resumed = run_script("unrolled_gan.py", *tiny, "--epochs", 2, "--resume", run_dir / "checkpoint.pt", cwd=tmp_path)
     assert "at epoch 1, step 20" in resumed.stdout
