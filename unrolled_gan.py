@@ -56,6 +56,8 @@ class Args:
     """Adam learning rate of the generator (default 1e-3 on 2-D, 2e-4 on MNIST)"""
     lr_d: Optional[float] = None
     """Adam learning rate of the discriminator, also used by the unrolled updates (default 1e-4 on 2-D, 2e-4 on MNIST)"""
+    lr_halve_every: int = 0
+    """halve both learning rates (and so the unrolled updates' default rate) every N generator steps; 0 = constant"""
     beta1: float = 0.5
     """Adam beta1 of both networks and of the unrolled updates"""
     beta2: float = 0.999
@@ -97,6 +99,11 @@ class Args:
 
 TOY_DEFAULTS = dict(epochs=25, batch_size=512, lr_g=1e-3, lr_d=1e-4, latent_dim=256)  # Metz et al., appendix A
 MNIST_DEFAULTS = dict(epochs=100, batch_size=64, lr_g=2e-4, lr_d=2e-4, latent_dim=100)  # as vanilla_gan.py
+
+
+def scheduled_lr(base_lr: float, step: int, halve_every: int) -> float:
+    """The learning rate after `step` generator steps: halved every `halve_every` steps, or constant when it is 0."""
+    return base_lr * 0.5 ** (step // halve_every) if halve_every else base_lr
 
 
 def mixture_modes(dataset: str) -> tuple[torch.Tensor, float]:
@@ -277,6 +284,8 @@ if __name__ == "__main__":
         eval_fid.fail(f"--unroll-steps must be 0 or more, got {args.unroll_steps}")
     if args.batch_size < 1 or args.toy_steps_per_epoch < 1:
         eval_fid.fail(f"--batch-size and --toy-steps-per-epoch must be >= 1, got {args.batch_size}, {args.toy_steps_per_epoch}")
+    if args.lr_halve_every < 0:
+        eval_fid.fail(f"--lr-halve-every must be >= 0 steps (0: constant), got {args.lr_halve_every}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
         eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
@@ -327,6 +336,12 @@ if __name__ == "__main__":
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused)
 
+    def set_learning_rates(step: int):
+        """Both optimisers' rates after `step` steps: the command line's, halved every --lr-halve-every steps."""
+        for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_d, args.lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(lr, step, args.lr_halve_every)
+
     start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, float("inf"), []
     if checkpoint:
         try:
@@ -336,10 +351,8 @@ if __name__ == "__main__":
             optimizer_d.load_state_dict(checkpoint["optimizer_d"])
         except (RuntimeError, ValueError, KeyError) as e:
             eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
-        for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_d, args.lr_d)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr  # the command line wins: a resumed run may change its learning rates
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
+        set_learning_rates(global_step)  # the command line wins: a resumed run may change its rates
         train_seconds, best_metric, history = checkpoint["train_seconds"], checkpoint["best_metric"], checkpoint["history"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
@@ -402,6 +415,8 @@ if __name__ == "__main__":
             optimizer_g.step()
             discriminator.requires_grad_(True)
             global_step += 1
+            if args.lr_halve_every and global_step % args.lr_halve_every == 0:
+                set_learning_rates(global_step)
 
             if global_step % args.log_every == 0:  # the only host syncs of the loop
                 d_value, g_value = d_loss.item(), g_loss.item()

@@ -111,6 +111,11 @@ def test_minimax_generator_loss_is_the_saddle_objectives_fake_term():
     torch.testing.assert_close(ug.minimax_generator_loss(logits), minus_d_loss)
 
 
+def test_scheduled_lr_halves_every_n_steps_or_stays_constant():
+    assert [ug.scheduled_lr(1e-3, step, 10) for step in (0, 9, 10, 25)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
+    assert ug.scheduled_lr(1e-3, 10**6, 0) == 1e-3
+
+
 def test_mixtures_have_the_papers_geometry():
     ring, ring_std = ug.mixture_modes("ring8")
     assert ring.shape == (8, 2) and ring_std == 0.02
@@ -145,7 +150,7 @@ def test_scatter_image_puts_points_where_they_are():
 
 def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     tiny = ["--dataset", "ring8", "--unroll-steps", 2, "--toy-steps-per-epoch", 20, "--batch-size", 64,
-            "--eval-samples", 500, "--log-every", 10, "--generator-loss", "minimax"]  # fmt: skip
+            "--eval-samples", 500, "--log-every", 10, "--generator-loss", "minimax", "--lr-halve-every", 15]  # fmt: skip
     result = run_script("unrolled_gan.py", *tiny, "--epochs", 1, cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
     assert "modes covered" in result.stdout.strip().splitlines()[-1]
@@ -154,6 +159,9 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "best.pt").exists()
     resumed = run_script("unrolled_gan.py", *tiny, "--epochs", 2, "--resume", run_dir / "checkpoint.pt", cwd=tmp_path)
     assert "at epoch 1, step 20" in resumed.stdout
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # 40 steps: halved at steps 15 and 30
+    assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 4)  # the 2-D defaults, quartered
+    assert saved["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(1e-4 / 4)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 40 and metrics["final"]["num_modes"] == 8 and len(metrics["history"]) == 2
     other_data = run_script("unrolled_gan.py", *tiny, "--dataset", "grid9", "--resume", run_dir / "checkpoint.pt",
@@ -164,7 +172,8 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [(["--unroll-steps", -1], "--unroll-steps must be 0 or more, got -1"),
-     (["--batch-size", 0], "--batch-size and --toy-steps-per-epoch must be >= 1, got 0, 1000")],
+     (["--batch-size", 0], "--batch-size and --toy-steps-per-epoch must be >= 1, got 0, 1000"),
+     (["--lr-halve-every", -1], "--lr-halve-every must be >= 0 steps (0: constant), got -1")],
 )  # fmt: skip
 def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
     result = run_script("unrolled_gan.py", *flags, cwd=tmp_path, check=False)
