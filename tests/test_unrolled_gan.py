@@ -157,6 +157,8 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     g_losses = [float(line.split("g_loss ")[1].split()[0]) for line in result.stdout.splitlines() if "g_loss" in line]
     assert g_losses and all(value < 0 for value in g_losses)  # log(1 - D) < 0; the non-saturating loss is > 0
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "best.pt").exists()
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # 20 steps: halved once, at step 15
+    assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 2)
     resumed = run_script("unrolled_gan.py", *tiny, "--epochs", 2, "--resume", run_dir / "checkpoint.pt", cwd=tmp_path)
     assert "at epoch 1, step 20" in resumed.stdout
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # 40 steps: halved at steps 15 and 30
