@@ -164,8 +164,14 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # 40 steps: halved at steps 15 and 30
     assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 4)  # the 2-D defaults, quartered
     assert saved["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(1e-4 / 4)
+    # Resuming sets the command line's rates at once: with no halving left, nothing else would replace the saved ones.
+    run_script("unrolled_gan.py", *tiny, "--epochs", 3, "--lr-halve-every", 0, "--lr-d", 3e-5,
+               "--resume", run_dir / "checkpoint.pt", cwd=tmp_path)  # fmt: skip
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    assert saved["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(3e-5)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["step"] == 40 and metrics["final"]["num_modes"] == 8 and len(metrics["history"]) == 2
+    assert metrics["step"] == 60 and metrics["final"]["num_modes"] == 8 and len(metrics["history"]) == 3
     other_data = run_script("unrolled_gan.py", *tiny, "--dataset", "grid9", "--resume", run_dir / "checkpoint.pt",
                             cwd=tmp_path, check=False)  # fmt: skip
     assert other_data.returncode == 2 and "was trained with --dataset ring8" in other_data.stderr
