@@ -46,6 +46,9 @@ class Args:
     """train on the first N MNIST training images (fewer = shorter epochs, e.g. for smoke tests)"""
     toy_steps_per_epoch: int = 1000
     """generator steps per epoch on the 2-D mixtures (fresh samples every step: there is no finite data set)"""
+    standardize: bool = False
+    """2-D: the nets see the mixture divided by its per-axis std (2.83 on grid25, 1.41 on ring8), as one would
+    standardise any input; generated points are scaled back before they are scored and plotted"""
 
     # optimisation (None = the dataset's default: the paper's 2-D setting, or vanilla_gan.py's on MNIST)
     epochs: Optional[int] = None
@@ -114,6 +117,12 @@ def mixture_modes(dataset: str) -> tuple[torch.Tensor, float]:
     side = {"grid25": 5, "grid9": 3}[dataset]
     axis = (torch.arange(side) - (side - 1) / 2) * 2.0
     return torch.cartesian_prod(axis, axis), 0.05
+
+
+def mixture_std(centres: torch.Tensor, std: float) -> float:
+    """Standard deviation of the equal-weight mixture along one axis (both axes agree on these symmetric mixtures):
+    the spread of the centres plus each component's own std."""
+    return math.sqrt(float(((centres - centres.mean(0)) ** 2).mean()) + std**2)
 
 
 def sample_mixture(centres: torch.Tensor, std: float, n: int) -> torch.Tensor:
@@ -286,9 +295,15 @@ if __name__ == "__main__":
         eval_fid.fail(f"--batch-size and --toy-steps-per-epoch must be >= 1, got {args.batch_size}, {args.toy_steps_per_epoch}")
     if args.lr_halve_every < 0:
         eval_fid.fail(f"--lr-halve-every must be >= 0 steps (0: constant), got {args.lr_halve_every}")
+    if args.standardize and not toy:
+        eval_fid.fail("--standardize is for the 2-D mixtures; MNIST is already scaled to [-1, 1]")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
         eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
+    trained_standardized = checkpoint["args"].get("standardize", False) if checkpoint else args.standardize
+    if trained_standardized != args.standardize:  # the nets learnt the data at one scale: the other would be nonsense
+        eval_fid.fail(f"{args.resume} was trained {'with' if trained_standardized else 'without'} --standardize; "
+                      "resume it the same way")  # fmt: skip
     run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.dataset}__{args.seed}__{int(time.time())}"
     run_dir = f"runs/{run_name}"
     writer = SummaryWriter(run_dir)
@@ -311,6 +326,7 @@ if __name__ == "__main__":
         steps_per_epoch = args.toy_steps_per_epoch
         real_points = sample_mixture(centres, std, 2500)  # the grey cloud of the scatter plots
         extent = float(centres.abs().max()) + 1.5
+        data_scale = mixture_std(centres, std) if args.standardize else 1.0
     else:
         try:
             train_images = eval_fid.load_mnist(args.data_dir, train=True)[0][: args.num_train_images]
@@ -322,6 +338,7 @@ if __name__ == "__main__":
         except eval_fid.EvalError as e:
             eval_fid.fail(str(e))
         train_images = (train_images.float() / 127.5 - 1).unsqueeze(1).to(device)
+        data_scale = 1.0
         steps_per_epoch = len(train_images) // args.batch_size
         if steps_per_epoch == 0:
             eval_fid.fail(f"--num-train-images {len(train_images)} is smaller than one batch of {args.batch_size}")
@@ -388,7 +405,7 @@ if __name__ == "__main__":
             order = torch.randperm(len(train_images), generator=batch_order).to(device)
         for step_in_epoch in range(steps_per_epoch):
             if toy:
-                real = sample_mixture(centres, std, args.batch_size)
+                real = sample_mixture(centres, std, args.batch_size) / data_scale
             else:
                 real = train_images[order[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]]
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
@@ -436,7 +453,7 @@ if __name__ == "__main__":
         writer.add_scalar("charts/epoch_seconds", time.time() - epoch_start, global_step)
 
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            samples = generate(generator, eval_noise)
+            samples = generate(generator, eval_noise) * data_scale
             metrics = evaluate(samples)
             history.append({"epoch": epoch, "step": global_step, "train_seconds": train_seconds, **metrics})
             if toy:
@@ -470,7 +487,7 @@ if __name__ == "__main__":
                 save_checkpoint(best_path, epoch)
 
     # Final evaluation of the last generator on eval_samples samples.
-    samples = generate(generator, eval_noise)
+    samples = generate(generator, eval_noise) * data_scale
     final = mode_coverage(samples, centres, std, args.mode_min_share) if toy else evaluator.full(samples)
     headline = ("modes_covered", "high_quality") if toy else ("fid", "precision", "recall")
     for key in headline:

@@ -125,6 +125,35 @@ def test_mixtures_have_the_papers_geometry():
     assert ug.mixture_modes("grid9")[0].shape == (9, 2)
 
 
+def test_mixture_std_is_the_std_of_samples():
+    torch.manual_seed(0)
+    for name, closed_form in (("ring8", math.sqrt(2 + 0.02**2)), ("grid25", math.sqrt(8 + 0.05**2))):
+        centres, std = ug.mixture_modes(name)
+        assert ug.mixture_std(centres, std) == pytest.approx(closed_form)
+        points = ug.sample_mixture(centres, std, 200_000)
+        torch.testing.assert_close(points.std(0), torch.full((2,), closed_form), rtol=0.01, atol=0)
+
+
+def test_standardized_run_scores_the_generators_points_scaled_back(tmp_path):
+    """With --standardize G learns the mixture / std: the scored points are its outputs times the std, and a
+    checkpoint resumes only the way it was trained."""
+    flags = ["--dataset", "grid9", "--standardize", "--unroll-steps", 1, "--toy-steps-per-epoch", 5, "--batch-size", 32,
+             "--eval-samples", 200, "--epochs", 1, "--save-samples", tmp_path / "points"]  # fmt: skip
+    run_script("unrolled_gan.py", *flags, cwd=tmp_path)
+    checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
+    generator = ug.ToyGenerator(256)
+    generator.load_state_dict(torch.load(checkpoint, weights_only=False)["generator"])
+    noise = torch.randn(200, 256, generator=torch.Generator().manual_seed(1 + 1))  # the script's eval noise for seed 1
+    centres, std = ug.mixture_modes("grid9")
+    with torch.no_grad():
+        expected = generator(noise) * ug.mixture_std(centres, std)
+    torch.testing.assert_close(torch.load(tmp_path / "points" / "points.pt"), expected)
+    unscaled = run_script("unrolled_gan.py", *flags[:1], "grid9", "--resume", checkpoint, cwd=tmp_path, check=False)
+    assert unscaled.returncode == 2 and unscaled.stderr.strip() == (
+        f"error: {checkpoint} was trained with --standardize; resume it the same way"
+    )
+
+
 def test_mode_coverage_counts_modes_and_high_quality_samples():
     centres, std = ug.mixture_modes("ring8")
     torch.manual_seed(0)
@@ -181,7 +210,8 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     "flags, message",
     [(["--unroll-steps", -1], "--unroll-steps must be 0 or more, got -1"),
      (["--batch-size", 0], "--batch-size and --toy-steps-per-epoch must be >= 1, got 0, 1000"),
-     (["--lr-halve-every", -1], "--lr-halve-every must be >= 0 steps (0: constant), got -1")],
+     (["--lr-halve-every", -1], "--lr-halve-every must be >= 0 steps (0: constant), got -1"),
+     (["--dataset", "mnist", "--standardize"], "--standardize is for the 2-D mixtures; MNIST is already scaled to [-1, 1]")],
 )  # fmt: skip
 def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
     result = run_script("unrolled_gan.py", *flags, cwd=tmp_path, check=False)
