@@ -51,9 +51,9 @@ def rescore(path: str, noise_seeds: tuple[int, ...], samples: int) -> tuple[dict
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    rescored = [(path, *rescore(path, args.noise_seeds, args.samples)) for path in args.checkpoints]  # errors first
     print(f"| checkpoint | epoch | {' | '.join(f'noise seed {s}' for s in args.noise_seeds)} |")
     print(f"|---|---|{'---|' * len(args.noise_seeds)}")
-    for path in args.checkpoints:
-        checkpoint, scores = rescore(path, args.noise_seeds, args.samples)
+    for path, checkpoint, scores in rescored:
         cells = " | ".join(f"{s['modes_covered']}/{s['num_modes']}, {s['high_quality']:.1%}" for s in scores)
         print(f"| {checkpoint['run_name']}/{Path(path).name} | {checkpoint['epoch']} | {cells} |")
