@@ -35,17 +35,21 @@ def rescore(path: str, noise_seeds: tuple[int, ...], samples: int) -> tuple[dict
     run_args = checkpoint["args"]
     if run_args["dataset"] == "mnist":
         unrolled_gan.eval_fid.fail(f"{path} is an MNIST run; score it with eval_fid.py")
-    centres, std = unrolled_gan.mixture_modes(run_args["dataset"])
+    try:
+        centres, std = unrolled_gan.mixture_modes(run_args["dataset"])
+        generator = unrolled_gan.ToyGenerator(run_args["latent_dim"])
+        generator.load_state_dict(checkpoint["generator"])
+        min_share = run_args["mode_min_share"]
+    except (KeyError, RuntimeError, ValueError):  # e.g. an mdgan.py checkpoint: other args, other nets
+        unrolled_gan.eval_fid.fail(f"{path} is not a 2-D unrolled_gan.py checkpoint")
     data_scale = unrolled_gan.mixture_std(centres, std) if run_args.get("standardize", False) else 1.0
-    generator = unrolled_gan.ToyGenerator(run_args["latent_dim"])
-    generator.load_state_dict(checkpoint["generator"])
     generator.eval()
     scores = []
     with torch.no_grad():
         for seed in noise_seeds:
             noise = torch.randn(samples, run_args["latent_dim"], generator=torch.Generator().manual_seed(seed))
             points = unrolled_gan.generate(generator, noise) * data_scale
-            scores.append(unrolled_gan.mode_coverage(points, centres, std, run_args["mode_min_share"]))
+            scores.append(unrolled_gan.mode_coverage(points, centres, std, min_share))
     return checkpoint, scores
 
 

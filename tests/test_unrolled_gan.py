@@ -137,7 +137,7 @@ def test_mixture_std_is_the_std_of_samples():
 
 def test_standardized_run_scores_the_generators_points_scaled_back(tmp_path):
     """With --standardize G learns the mixture / std: the scored points are its outputs times the std, the rescoring
-    tool reproduces the run's final score on the run's own noise, and a checkpoint resumes only the way it was
+    tool scales a standardised checkpoint's outputs back the same way, and a checkpoint resumes only the way it was
     trained."""
     flags = ["--dataset", "grid9", "--standardize", "--unroll-steps", 1, "--toy-steps-per-epoch", 5, "--batch-size", 32,
              "--eval-samples", 200, "--epochs", 1, "--save-samples", tmp_path / "points"]  # fmt: skip
@@ -150,8 +150,6 @@ def test_standardized_run_scores_the_generators_points_scaled_back(tmp_path):
     with torch.no_grad():
         expected = generator(noise) * ug.mixture_std(centres, std)
     torch.testing.assert_close(torch.load(tmp_path / "points" / "points.pt"), expected)
-    _, (rescored,) = rescore_toy_checkpoints.rescore(str(checkpoint), noise_seeds=(1 + 1,), samples=200)
-    assert rescored == json.loads((only_run_dir(tmp_path) / "metrics.json").read_text())["final"]
     one_mode = torch.load(checkpoint, weights_only=False)  # G set to output the first mode, in standardised units
     one_mode["generator"]["net.4.weight"].zero_()
     one_mode["generator"]["net.4.bias"].copy_(centres[0] / ug.mixture_std(centres, std))
