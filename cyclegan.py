@@ -247,14 +247,7 @@ def translation_grid(x: torch.Tensor, forward: nn.Module, backward: nn.Module, s
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by this script, or one clear error line."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(checkpoint, dict) and {"mnist_to_usps", "usps_to_mnist", "epoch"} <= checkpoint.keys()
-        return checkpoint
-    except FileNotFoundError:
-        eval_fid.fail(f"checkpoint {path} does not exist")
-    except Exception:
-        eval_fid.fail(f"{path} is not a readable {Args.exp_name} checkpoint (corrupt or from another program)")
+    return eval_fid.load_checkpoint(path, {"mnist_to_usps", "usps_to_mnist", "epoch"}, Args.exp_name)
 
 
 if __name__ == "__main__":
@@ -263,12 +256,6 @@ if __name__ == "__main__":
         eval_fid.fail(f"--eval-samples must be at least 10, got {args.eval_samples}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -345,6 +332,14 @@ if __name__ == "__main__":
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
 
+    # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
+    run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
     def save_checkpoint(path: str, epoch: int):
         eval_fid.atomic_save(
             {
@@ -411,8 +406,8 @@ if __name__ == "__main__":
                 values = {"g_loss": g_loss.item(), "d_loss": d_loss.item(), "cycle_loss": cycle.item(),
                           "adversarial_loss": adversarial.item()}  # fmt: skip
                 if not all(np.isfinite(v) for v in values.values()):
-                    eval_fid.fail(f"non-finite loss at step {global_step} ({values}); "
-                                  f"last good checkpoint: {checkpoint_path}")  # fmt: skip
+                    message = f"non-finite loss at step {global_step} ({values})"
+                    eval_fid.fail_diverged(message, checkpoint_path, args.resume)
                 for key, value in values.items():
                     writer.add_scalar(f"losses/{key}", value, global_step)
                 steps_per_second = (step_in_epoch + 1) / (time.time() - epoch_start)
@@ -439,7 +434,7 @@ if __name__ == "__main__":
 
         if epoch % args.checkpoint_every == 0 or epoch == args.epochs:
             if not all(torch.isfinite(p).all() for network in networks.values() for p in network.parameters()):
-                eval_fid.fail(f"non-finite weights at epoch {epoch}; last good checkpoint: {checkpoint_path}")
+                eval_fid.fail_diverged(f"non-finite weights at epoch {epoch}", checkpoint_path, args.resume)
             # best.pt: the epoch whose weaker direction keeps the most labels
             worst_direction = min(history[-1]["mnist_to_usps_label_kept"], history[-1]["usps_to_mnist_label_kept"]) if history else -1
             improved = history and history[-1]["epoch"] == epoch and worst_direction > best_metric
@@ -449,21 +444,36 @@ if __name__ == "__main__":
             if improved:
                 save_checkpoint(best_path, epoch)
 
-    # Final evaluation of the last mappings: label kept both ways, and F(USPS test) as MNIST digits by FID.
-    usps_as_mnist = translate(usps_to_mnist, usps_test)
-    final = {
-        "mnist_to_usps_label_kept": label_kept(usps_classifier, translate(mnist_to_usps, mnist_test), mnist_test_labels),
-        "usps_to_mnist_label_kept": label_kept(mnist_classifier, usps_as_mnist, usps_test_labels),
-        **{f"usps_to_mnist_{key}": value for key, value in evaluator.full(usps_as_mnist).items()},
-    }  # fmt: skip
-    for key in ("mnist_to_usps_label_kept", "usps_to_mnist_label_kept", "usps_to_mnist_fid"):
+    # Final evaluation of the last mappings, then of best.pt (the epoch that kept the most labels): label kept both
+    # ways, and F(USPS test) as MNIST digits by FID, KID, precision and recall.
+    def score_mappings() -> dict:
+        usps_as_mnist = translate(usps_to_mnist, usps_test)
+        return {
+            "mnist_to_usps_label_kept": label_kept(usps_classifier, translate(mnist_to_usps, mnist_test), mnist_test_labels),
+            "usps_to_mnist_label_kept": label_kept(mnist_classifier, usps_as_mnist, usps_test_labels),
+            **{f"usps_to_mnist_{key}": value for key, value in evaluator.full(usps_as_mnist).items()},
+        }  # fmt: skip
+
+    final = score_mappings()
+    best = None
+    if os.path.exists(best_path):
+        best_checkpoint = eval_fid.load_checkpoint(best_path, {*networks, "epoch", "global_step"}, Args.exp_name)
+        best = {"epoch": best_checkpoint["epoch"], **final}  # best.pt may hold the last mappings themselves
+        if best_checkpoint["global_step"] != global_step:
+            for name, network in networks.items():
+                network.load_state_dict(best_checkpoint[name])
+            best.update(score_mappings())
+    for key in ("mnist_to_usps_label_kept", "usps_to_mnist_label_kept", "usps_to_mnist_fid", "usps_to_mnist_kid"):
         writer.add_scalar(f"final/{key}", final[key], global_step)
+        if best:
+            writer.add_scalar(f"best/{key}", best[key], global_step)
     hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
     metric_keys = ("mnist_to_usps_label_kept", "usps_to_mnist_label_kept", "usps_to_mnist_fid")
     writer.add_hparams(hparams, {f"hparam/{k}": final[k] for k in metric_keys}, run_name=".")
     writer.close()
     summary = {"run_name": run_name, "epochs": args.epochs, "step": global_step, "device": str(device),
-               "train_seconds": train_seconds, "final": final, "history": history, "args": asdict(args)}  # fmt: skip
+               "train_seconds": train_seconds, "final": final, "best": best,
+               "provenance": eval_fid.provenance(device), "history": history, "args": asdict(args)}  # fmt: skip
     with open(f"{run_dir}/metrics.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(f"{run_dir}/metrics.json.tmp", f"{run_dir}/metrics.json")

@@ -122,13 +122,7 @@ def renumber_linear_layers(state_dict: dict, module: nn.Sequential, prefix: str 
 
 def load_networks(path: str) -> tuple[Generator, Discriminator, dict]:
     """Generator, discriminator/critic and the training run's info from a checkpoint, or one clear error line."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(checkpoint, dict) and "generator" in checkpoint
-    except FileNotFoundError:
-        eval_fid.fail(f"checkpoint {path} does not exist")
-    except Exception:
-        eval_fid.fail(f"{path} is not a readable CleanGAN checkpoint (corrupt or from another program)")
+    checkpoint = eval_fid.load_checkpoint(path, {"generator"})
     train_args = checkpoint.get("args", {})
     if train_args.get("conditional"):
         eval_fid.fail(f"{path} holds a conditional generator; DRS here needs an unconditional one")
@@ -196,12 +190,6 @@ if __name__ == "__main__":
     if source["score"] == "critic" and not args.calibrate:
         eval_fid.fail("a WGAN critic's output is a score, not a logit: DRS on a critic needs --calibrate")
     run_name = f"{args.exp_name}__{source['run_name']}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -219,6 +207,13 @@ if __name__ == "__main__":
         calibration_reals = eval_fid.load_mnist(args.data_dir, train=True)[0][-args.calibration_size :]
     except eval_fid.EvalError as e:
         eval_fid.fail(str(e))
+    # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
+    run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=False)
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
     start = time.time()
 
     def latents(n: int) -> torch.Tensor:
@@ -288,7 +283,7 @@ if __name__ == "__main__":
     writer.add_histogram("logits/all_proposals", torch.cat(logit_log))
     writer.add_scalar("drs/acceptance_rate", acceptance_rate)
     writer.add_scalar("drs/proposals", needed)
-    headline = [k for k in ("fid", "precision", "recall", "classifier_fid", "digits_covered") if k in results["drs"]]
+    headline = [k for k in ("fid", "kid", "precision", "recall", "classifier_fid", "digits_covered") if k in results["drs"]]
     for key in headline:
         writer.add_scalar(f"base/{key}", results["base"][key])
         writer.add_scalar(f"drs/{key}", results["drs"][key])
@@ -297,6 +292,7 @@ if __name__ == "__main__":
     writer.close()
 
     summary = {"run_name": run_name, "checkpoint": args.checkpoint, "source": source, "device": str(device),
+               "provenance": eval_fid.provenance(device),
                "proposals": needed, "acceptance_rate": acceptance_rate, "max_logit": max_logit.item(),
                "calibration": {"scale": scale, "shift": shift}, "sampling_seconds": sampling_seconds,
                "base": results["base"], "drs": results["drs"], "args": asdict(args)}  # fmt: skip

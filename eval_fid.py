@@ -1,11 +1,19 @@
 """CleanGAN's one shared evaluator: FID, improved precision/recall and a fast MNIST-classifier metric.
-FID: Heusel et al. 2017 (arXiv:1706.08500); precision/recall: Kynkaanniemi et al. 2019 (arXiv:1904.06991).
+FID: Heusel et al. 2017 (arXiv:1706.08500); KID: Binkowski et al. 2018 (arXiv:1801.01401);
+precision/recall: Kynkaanniemi et al. 2019 (arXiv:1904.06991).
 Run: python eval_fid.py SAMPLES [REFERENCE] --data-dir ../shared/data --inception-weights ../shared/weights/pt_inception-2015-12-05-pool3.pth
 """
 
+import argparse
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
+import pickle
+import platform
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +37,7 @@ DEFAULT_CACHE_DIR = os.environ.get("CLEANGAN_CACHE", str(Path.home() / ".cache" 
 NUM_CLASSES = 10
 # A digit counts as covered when it receives at least half of its fair share (1/10) of the samples.
 COVERAGE_MIN_SHARE = 0.5 / NUM_CLASSES
+FLOOR_SIZE = 10000  # `eval_fid.py mnist-train`: this many real training digits, as many as the protocol's samples
 
 
 class EvalError(ValueError):
@@ -169,6 +178,129 @@ def atomic_save(obj, path: str) -> None:
         raise
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and run folders: safe loading, a trusted one-off conversion, one folder per run
+# ---------------------------------------------------------------------------------------------
+
+CONVERT_COMMAND = "python eval_fid.py convert-checkpoint {path} NEW.pt --i-trust-this-file"
+
+
+def load_checkpoint(path: str, required_keys: set, program: str = "CleanGAN") -> dict:
+    """A checkpoint dict holding `required_keys`, read with weights_only=True, or one error line and exit 2.
+
+    weights_only=True rebuilds only tensors and plain types (dict, list, tuple, str, numbers, None): a crafted file
+    is refused before any of its code can run, so the scripts can read checkpoints that someone sent.
+    """
+    unreadable = f"{path} is not a readable {program} checkpoint (corrupt or from another program)"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"checkpoint {path} does not exist")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e), flags=re.IGNORECASE)
+        if found is None:
+            fail(unreadable)
+        fail(f"{path} holds Python objects ({found.group(1)}) besides tensors and plain types, and CleanGAN never "
+             f"unpickles those (it can run code); if you wrote this file yourself with older CleanGAN code, "
+             f"convert it once: {CONVERT_COMMAND.format(path=path)}")  # fmt: skip
+    except Exception:
+        fail(unreadable)
+    if not isinstance(checkpoint, dict) or not set(required_keys) <= checkpoint.keys():
+        fail(unreadable)
+    return checkpoint
+
+
+def to_plain_types(obj):
+    """numpy values, paths, dataclasses and Namespaces rewritten as the tensors and plain types weights_only reads."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_plain_types(dataclasses.asdict(obj))
+    if isinstance(obj, argparse.Namespace):
+        return to_plain_types(vars(obj))
+    if isinstance(obj, dict):
+        return type(obj)((to_plain_types(k), to_plain_types(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [to_plain_types(item) for item in obj]
+    if isinstance(obj, tuple) and not isinstance(obj, torch.Size):  # named tuples become plain ones
+        return tuple(to_plain_types(item) for item in obj)
+    return obj
+
+
+def convert_trusted_checkpoint(source: str, destination: str) -> None:
+    """Fully unpickle `source` (this runs any code in it: only for files you made), save it with plain types only."""
+    try:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise EvalError(f"cannot read {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    atomic_save(to_plain_types(checkpoint), destination)
+    try:
+        torch.load(destination, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        os.unlink(destination)
+        found = re.search(r"GLOBAL (\S+)", str(e), flags=re.IGNORECASE)
+        raise EvalError(f"{source} holds {found.group(1) if found else 'objects'} that have no plain-type form") from None
+
+
+def claim_run_dir(run_name: str, resumed: bool) -> tuple[str, str]:
+    """The run's name and its folder runs/{name}, made now (call it once the start can no longer fail).
+
+    A new run takes its folder with an exclusive mkdir: two runs started in the same second with the same name and
+    seed get runs/NAME and runs/NAME-2, never one shared folder. A resumed run goes on in its own folder.
+    """
+    os.makedirs("runs", exist_ok=True)
+    if resumed:
+        os.makedirs(f"runs/{run_name}", exist_ok=True)
+        return run_name, f"runs/{run_name}"
+    for attempt in itertools.count(1):
+        name = run_name if attempt == 1 else f"{run_name}-{attempt}"
+        try:
+            os.mkdir(f"runs/{name}")
+            return name, f"runs/{name}"
+        except FileExistsError:
+            continue
+
+
+def fail_diverged(what: str, checkpoint_path: str, resumed_from: Optional[str]) -> None:
+    """Stop a run whose losses or weights are no longer finite, naming the last good checkpoint (left untouched)."""
+    last_good = checkpoint_path if os.path.exists(checkpoint_path) else resumed_from
+    fail(f"{what}; " + (f"last good checkpoint: {last_good}" if last_good else "no checkpoint had been written yet"))
+
+
+def provenance(device: torch.device) -> dict:
+    """Where a result came from: the git commit (and whether the tree had uncommitted changes), torch, the device
+    and the CPU with its thread count. Every metrics.json records it, so a results row traces back to its code."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    device = torch.device(device)
+    return {
+        "git_commit": commit,
+        "git_dirty": None if commit is None else bool(changes),
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -187,6 +319,33 @@ def gaussian_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), pytorch-fid's implementation."""
     return float(calculate_frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b)))
+
+
+def polynomial_mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased MMD^2 of two equal-size sets with the cubic kernel k(a, b) = (a.b / d + 1)^3, in float64."""
+    x, y, m = x.double(), y.double(), len(x)
+    d = x.shape[1]
+    k_xx, k_yy, k_xy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+    within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+    return (within - 2 * k_xy.mean()).item()
+
+
+def kernel_inception_distance(
+    real: torch.Tensor, fake: torch.Tensor, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID: mean and std of polynomial_mmd2 over random subsets drawn without replacement (torch-fidelity's defaults:
+    100 subsets of 1,000; smaller subsets when a set is smaller). Unbiased: 0 in expectation for one distribution,
+    whatever the sample count, so 2,000-sample KIDs compare with 10,000-sample ones (FID's bias grows as N shrinks)."""
+    size = min(subset_size, len(real), len(fake))
+    if size < 2:
+        raise EvalError(f"KID needs at least 2 images per set, got {len(real)} and {len(fake)}")
+    draws = torch.Generator().manual_seed(seed)
+    values = torch.tensor([
+        polynomial_mmd2(fake[torch.randperm(len(fake), generator=draws)[:size]],
+                        real[torch.randperm(len(real), generator=draws)[:size]])
+        for _ in range(num_subsets)
+    ], dtype=torch.float64)  # fmt: skip
+    return values.mean().item(), values.std(unbiased=False).item()
 
 
 def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -379,7 +538,7 @@ class Evaluator:
     """Evaluates sample tensors against a reference set (MNIST test by default), caching what it can.
 
     fast(samples): classifier FID + digit coverage, a few seconds for 10k samples on CPU (use during training).
-    full(samples): FID, precision, recall on FID Inception pool3 features, plus everything fast() gives.
+    full(samples): FID, KID, precision, recall on FID Inception pool3 features, plus everything fast() gives.
     """
 
     def __init__(
@@ -477,13 +636,15 @@ class Evaluator:
         return metrics
 
     def full(self, samples: torch.Tensor, k: int = 3, labels: Optional[torch.Tensor] = None) -> dict:
-        """FID, precision and recall (Inception pool3, k-NN with k=3), plus fast() when images are 28x28."""
+        """FID, KID (mean, std), precision and recall (Inception pool3, k-NN with k=3), plus fast() when 28x28."""
         images01 = to_unit_range(samples)
         start = time.time()
         reference = self._reference_features("inception", lambda ref: self.inception_features(ref, "reference features"))
         features = self.inception_features(images01, "sample features")
         precision, recall = precision_recall(reference, features, k)
-        metrics = {"fid": frechet_distance(features, reference), "precision": precision, "recall": recall}
+        kid, kid_std = kernel_inception_distance(reference, features)
+        metrics = {"fid": frechet_distance(features, reference), "kid": kid, "kid_std": kid_std,
+                   "precision": precision, "recall": recall}  # fmt: skip
         if images01.shape[-2:] == (28, 28):
             metrics.update(self.fast(samples, labels))
         metrics.update(num_samples=len(images01), num_reference=len(self.reference), eval_seconds=time.time() - start)
@@ -509,16 +670,17 @@ def format_comparison(columns: dict[str, dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: python eval_fid.py SAMPLES [REFERENCE]
+# Command line: python eval_fid.py SAMPLES [REFERENCE]  |  python eval_fid.py convert-checkpoint OLD NEW
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class EvalArgs:
-    """FID, precision, recall and the fast classifier metric of SAMPLES against MNIST test (or REFERENCE)."""
+    """FID, KID, precision, recall and the fast classifier metric of SAMPLES against MNIST test (or REFERENCE)."""
 
     samples: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SAMPLES")]
-    """folder of PNG/JPEG images, or .npz/.pt file with a (N, [C,] H, W) tensor (uint8 0..255 or float in [-1, 1])"""
+    """folder of PNG/JPEG images, .npz/.pt file with a (N, [C,] H, W) tensor (uint8 0..255 or float in [-1, 1]), or
+    `mnist-train`: the first 10,000 MNIST training digits, the real-vs-real floor no generator can beat"""
     reference: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="REFERENCE")] = "mnist-test"
     """what to compare against: `mnist-test` or another folder/.npz/.pt of images"""
     data_dir: str = "data"
@@ -540,7 +702,8 @@ class EvalArgs:
 
 
 def main(args: EvalArgs) -> dict:
-    samples = load_samples(args.samples)
+    floor = args.samples == "mnist-train"
+    samples = load_mnist(args.data_dir, train=True)[0][:FLOOR_SIZE] if floor else load_samples(args.samples)
     reference = None if args.reference == "mnist-test" else load_samples(args.reference)
     evaluator = Evaluator(
         args.data_dir, args.inception_weights, args.cache_dir, args.device, reference, args.reference_size, args.batch_size
@@ -553,8 +716,34 @@ def main(args: EvalArgs) -> dict:
     return metrics
 
 
+@dataclass
+class ConvertArgs:
+    """Rewrite a checkpoint that YOU made with older CleanGAN code as tensors and plain types, which the scripts read.
+
+    Reading OLD unpickles it fully, which runs any code inside it: never do this with a file someone sent you.
+    """
+
+    source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="OLD")]
+    """the old checkpoint"""
+    destination: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="NEW")]
+    """where to write the converted checkpoint (OLD stays as it is)"""
+    i_trust_this_file: bool = False
+    """required: you made OLD yourself, so running the code inside it is safe"""
+
+
+def convert_main(args: ConvertArgs) -> None:
+    if not args.i_trust_this_file:
+        raise EvalError("convert-checkpoint fully unpickles OLD, which runs any code in it; "
+                        "add --i-trust-this-file only if you made OLD yourself")  # fmt: skip
+    convert_trusted_checkpoint(args.source, args.destination)
+    print(f"wrote {args.destination}: tensors and plain types only, so every CleanGAN script can read it")
+
+
 if __name__ == "__main__":
     try:
-        main(tyro.cli(EvalArgs))
+        if sys.argv[1:2] == ["convert-checkpoint"]:
+            convert_main(tyro.cli(ConvertArgs, args=sys.argv[2:], prog="eval_fid.py convert-checkpoint"))
+        else:
+            main(tyro.cli(EvalArgs))
     except EvalError as e:
         fail(str(e))

@@ -85,13 +85,7 @@ class Generator(nn.Module):
 
 def load_generator(path: str) -> tuple[Generator, dict]:
     """The generator and the training run's info from a checkpoint, or one clear error line."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(checkpoint, dict) and "generator" in checkpoint
-    except FileNotFoundError:
-        eval_fid.fail(f"checkpoint {path} does not exist")
-    except Exception:
-        eval_fid.fail(f"{path} is not a readable CleanGAN checkpoint (corrupt or from another program)")
+    checkpoint = eval_fid.load_checkpoint(path, {"generator"})
     train_args = checkpoint.get("args", {})
     if train_args.get("conditional"):
         eval_fid.fail(f"{path} holds a conditional generator; latent adaptation needs an unconditional one")
@@ -210,12 +204,6 @@ if __name__ == "__main__":
         eval_fid.fail(f"--per-class {args.per_class} gives fewer than 4 samples")
     generator, source = load_generator(args.checkpoint)
     run_name = f"{args.exp_name}__{source['run_name']}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -233,6 +221,13 @@ if __name__ == "__main__":
         train_images, train_labels = eval_fid.load_mnist(args.data_dir, train=True)
     except eval_fid.EvalError as e:
         eval_fid.fail(str(e))
+    # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
+    run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=False)
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
     reals = reals_by_digit((train_images.float() / 255).to(device), train_labels.to(device))  # pixels in [0, 1]
     start = time.time()
 
@@ -286,7 +281,7 @@ if __name__ == "__main__":
         grid = torchvision.utils.make_grid(shown, nrow=10, normalize=True, value_range=(-1, 1))
         writer.add_image(f"samples/{name}", grid)
         torchvision.utils.save_image(grid, f"{run_dir}/samples_{name}.png")
-    headline = [k for k in ("fid", "precision", "recall", "classifier_fid", "digits_covered") if k in results["adapted"]]
+    headline = [k for k in ("fid", "kid", "precision", "recall", "classifier_fid", "digits_covered") if k in results["adapted"]]
     for key in headline:
         writer.add_scalar(f"base/{key}", results["base"][key])
         writer.add_scalar(f"adapted/{key}", results["adapted"][key])
@@ -295,6 +290,7 @@ if __name__ == "__main__":
     writer.close()
 
     summary = {"run_name": run_name, "checkpoint": args.checkpoint, "source": source, "device": str(device),
+               "provenance": eval_fid.provenance(device),
                "kept_per_digit": kept_per_digit, "thresholds": thresholds.tolist(), "draws_per_digit": draws,
                "adapt_seconds": adapt_seconds, "base": results["base"], "adapted": results["adapted"],
                "args": asdict(args)}  # fmt: skip

@@ -14,7 +14,6 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 import tyro
 from torch.utils.tensorboard import SummaryWriter
@@ -280,14 +279,7 @@ def generate(generator: nn.Module, noise: torch.Tensor, batch_size: int = 1000) 
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by this script, or one clear error line."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(checkpoint, dict) and {"generator", "discriminator", "epoch"} <= checkpoint.keys()
-        return checkpoint
-    except FileNotFoundError:
-        eval_fid.fail(f"checkpoint {path} does not exist")
-    except Exception:
-        eval_fid.fail(f"{path} is not a readable {Args.exp_name} checkpoint (corrupt or from another program)")
+    return eval_fid.load_checkpoint(path, {"generator", "discriminator", "epoch"}, Args.exp_name)
 
 
 if __name__ == "__main__":
@@ -312,12 +304,6 @@ if __name__ == "__main__":
     if checkpoint and toy and checkpoint.get("toy_output_bound") != TOY_OUTPUT_BOUND:  # same shapes: it would load
         eval_fid.fail(f"{args.resume} holds the earlier 2-D nets (linear generator output, ReLU discriminator); start a new run")
     run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.dataset}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -389,6 +375,14 @@ if __name__ == "__main__":
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
 
+    # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
+    run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
     def save_checkpoint(path: str, epoch: int):
         eval_fid.atomic_save(
             {
@@ -447,8 +441,8 @@ if __name__ == "__main__":
             if global_step % args.log_every == 0:  # the only host syncs of the loop
                 d_value, g_value = d_loss.item(), g_loss.item()
                 if not (np.isfinite(d_value) and np.isfinite(g_value)):
-                    eval_fid.fail(f"non-finite loss at step {global_step} (D {d_value}, G {g_value}); "
-                                  f"last good checkpoint: {checkpoint_path}")  # fmt: skip
+                    message = f"non-finite loss at step {global_step} (D {d_value}, G {g_value})"
+                    eval_fid.fail_diverged(message, checkpoint_path, args.resume)
                 # lk / lambda in [0, 1] reads like D(x) and D(G(z)) of a plain GAN.
                 d_real = (mixture_log_likelihood(real_emb, simplex, args.cov_scale).exp() / lam).mean().item()
                 d_fake = (mixture_log_likelihood(fake_emb, simplex, args.cov_scale).exp() / lam).mean().item()
@@ -487,7 +481,7 @@ if __name__ == "__main__":
         if epoch % args.checkpoint_every == 0 or epoch == args.epochs:
             weights_finite = all(torch.isfinite(p).all() for p in [*generator.parameters(), *discriminator.parameters()])
             if not weights_finite:
-                eval_fid.fail(f"non-finite weights at epoch {epoch}; last good checkpoint: {checkpoint_path}")
+                eval_fid.fail_diverged(f"non-finite weights at epoch {epoch}", checkpoint_path, args.resume)
             latest = history[-1] if history and history[-1]["epoch"] == epoch else None
             if latest:  # lower is better: classifier FID, or fewer modes then fewer high-quality samples
                 score = -latest["modes_covered"] - latest["high_quality"] if toy else latest["classifier_fid"]
@@ -498,17 +492,31 @@ if __name__ == "__main__":
             if improved:
                 save_checkpoint(best_path, epoch)
 
-    # Final evaluation of the last generator on eval_samples samples.
+    # Final evaluation on eval_samples samples of the last generator, then of best.pt (the epoch the run's metric
+    # picked) from the same noise: modes on the 2-D mixtures; FID, KID, precision, recall on MNIST.
+    def score(points: torch.Tensor) -> dict:
+        return mode_coverage(points, centres, std, args.mode_min_share) if toy else evaluator.full(points)
+
     samples = generate(generator, eval_noise)
-    final = mode_coverage(samples, centres, std, args.mode_min_share) if toy else evaluator.full(samples)
-    headline = ("modes_covered", "high_quality") if toy else ("fid", "precision", "recall")
+    final = score(samples)
+    best = None
+    if os.path.exists(best_path):
+        best_checkpoint = eval_fid.load_checkpoint(best_path, {"generator", "epoch", "global_step"}, Args.exp_name)
+        best = {"epoch": best_checkpoint["epoch"], **final}  # best.pt may hold the last generator itself
+        if best_checkpoint["global_step"] != global_step:
+            generator.load_state_dict(best_checkpoint["generator"])  # `samples` stay the last generator's
+            best.update(score(generate(generator, eval_noise)))
+    headline = ("modes_covered", "high_quality") if toy else ("fid", "kid", "precision", "recall")
     for key in headline:
         writer.add_scalar(f"final/{key}", final[key], global_step)
+        if best:
+            writer.add_scalar(f"best/{key}", best[key], global_step)
     hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
     writer.add_hparams(hparams, {f"hparam/{k}": final[k] for k in headline}, run_name=".")
     writer.close()
     summary = {"run_name": run_name, "epochs": args.epochs, "step": global_step, "device": str(device),
-               "train_seconds": train_seconds, "final": final, "history": history, "args": asdict(args)}  # fmt: skip
+               "train_seconds": train_seconds, "final": final, "best": best,
+               "provenance": eval_fid.provenance(device), "history": history, "args": asdict(args)}  # fmt: skip
     with open(f"{run_dir}/metrics.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(f"{run_dir}/metrics.json.tmp", f"{run_dir}/metrics.json")
@@ -522,5 +530,5 @@ if __name__ == "__main__":
               f"high-quality samples after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")  # fmt: skip
     else:
         print(eval_fid.format_table({k: v for k, v in final.items() if k != "class_histogram"}))
-        print(f"{run_name}: FID {final['fid']:.2f} precision {final['precision']:.3f} recall {final['recall']:.3f} "
-              f"after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")  # fmt: skip
+        print(f"{run_name}: FID {final['fid']:.2f} KID {final['kid']:.4f} precision {final['precision']:.3f} "
+              f"recall {final['recall']:.3f} after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")

@@ -145,14 +145,7 @@ def generate(generator: nn.Module, noise: torch.Tensor, batch_size: int = 1000) 
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by this script, or one clear error line."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(checkpoint, dict) and {"generator", "critic", "epoch"} <= checkpoint.keys()
-        return checkpoint
-    except FileNotFoundError:
-        eval_fid.fail(f"checkpoint {path} does not exist")
-    except Exception:
-        eval_fid.fail(f"{path} is not a readable {Args.exp_name} checkpoint (corrupt or from another program)")
+    return eval_fid.load_checkpoint(path, {"generator", "critic", "epoch"}, Args.exp_name)
 
 
 if __name__ == "__main__":
@@ -161,12 +154,6 @@ if __name__ == "__main__":
         eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -220,6 +207,14 @@ if __name__ == "__main__":
             for group in optimizer.param_groups:
                 group["lr"] = lr  # the command line wins: a resumed run may change its learning rates
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
+
+    # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
+    run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
 
     def save_checkpoint(path: str, epoch: int):
         eval_fid.atomic_save(
@@ -277,8 +272,8 @@ if __name__ == "__main__":
             if global_step % args.log_every == 0:  # the only host syncs of the loop
                 c_value, g_value, w_value = critic_loss.item(), g_loss.item(), wasserstein.item()
                 if not (np.isfinite(c_value) and np.isfinite(g_value)):
-                    eval_fid.fail(f"non-finite loss at step {global_step} (critic {c_value}, G {g_value}); "
-                                  f"last good checkpoint: {checkpoint_path}")  # fmt: skip
+                    message = f"non-finite loss at step {global_step} (critic {c_value}, G {g_value})"
+                    eval_fid.fail_diverged(message, checkpoint_path, args.resume)
                 writer.add_scalar("losses/critic_loss", c_value, global_step)
                 writer.add_scalar("losses/g_loss", g_value, global_step)
                 writer.add_scalar("losses/wasserstein_estimate", w_value, global_step)
@@ -305,7 +300,7 @@ if __name__ == "__main__":
         if epoch % args.checkpoint_every == 0 or epoch == args.epochs:
             weights_finite = all(torch.isfinite(p).all() for p in [*generator.parameters(), *critic.parameters()])
             if not weights_finite:
-                eval_fid.fail(f"non-finite weights at epoch {epoch}; last good checkpoint: {checkpoint_path}")
+                eval_fid.fail_diverged(f"non-finite weights at epoch {epoch}", checkpoint_path, args.resume)
             improved = history and history[-1]["epoch"] == epoch and history[-1]["classifier_fid"] < best_metric
             if improved:
                 best_metric = history[-1]["classifier_fid"]
@@ -313,16 +308,28 @@ if __name__ == "__main__":
             if improved:
                 save_checkpoint(best_path, epoch)
 
-    # Final evaluation of the last generator: FID, precision, recall on eval_samples samples.
+    # Final evaluation: FID, KID, precision, recall on eval_samples samples of the last generator, then of best.pt
+    # (the epoch the fast metric picked, as the reports picked theirs) from the same noise.
     samples = generate(generator, eval_noise)
     final = evaluator.full(samples)
-    for key in ("fid", "precision", "recall", "classifier_fid", "digits_covered"):
+    best = None
+    if os.path.exists(best_path):
+        best_checkpoint = eval_fid.load_checkpoint(best_path, {"generator", "epoch", "global_step"}, Args.exp_name)
+        best = {"epoch": best_checkpoint["epoch"], **final}  # best.pt may hold the last generator itself
+        if best_checkpoint["global_step"] != global_step:
+            generator.load_state_dict(best_checkpoint["generator"])  # `samples` stay the last generator's
+            best_samples = generate(generator, eval_noise)
+            best.update(evaluator.full(best_samples))
+    for key in ("fid", "kid", "precision", "recall", "classifier_fid", "digits_covered"):
         writer.add_scalar(f"final/{key}", final[key], global_step)
+        if best:
+            writer.add_scalar(f"best/{key}", best[key], global_step)
     hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
-    writer.add_hparams(hparams, {f"hparam/{k}": final[k] for k in ("fid", "precision", "recall")}, run_name=".")
+    writer.add_hparams(hparams, {f"hparam/{k}": final[k] for k in ("fid", "kid", "precision", "recall")}, run_name=".")
     writer.close()
     summary = {"run_name": run_name, "epochs": args.epochs, "step": global_step, "critic_step": critic_step,
-               "device": str(device), "train_seconds": train_seconds, "final": final, "history": history,
+               "device": str(device), "train_seconds": train_seconds, "final": final, "best": best,
+               "provenance": eval_fid.provenance(device), "history": history,
                "args": asdict(args)}  # fmt: skip
     with open(f"{run_dir}/metrics.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
@@ -330,5 +337,8 @@ if __name__ == "__main__":
     if args.save_samples:
         eval_fid.save_samples_png(samples, args.save_samples)
     print(eval_fid.format_table({k: v for k, v in final.items() if k != "class_histogram"}))
-    print(f"{run_name}: FID {final['fid']:.2f} precision {final['precision']:.3f} recall {final['recall']:.3f} "
-          f"after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")  # fmt: skip
+    if best:
+        print(f"best.pt, epoch {best['epoch']}: FID {best['fid']:.2f} KID {best['kid']:.4f} "
+              f"precision {best['precision']:.3f} recall {best['recall']:.3f}")  # fmt: skip
+    print(f"{run_name}: FID {final['fid']:.2f} KID {final['kid']:.4f} precision {final['precision']:.3f} "
+          f"recall {final['recall']:.3f} after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")

@@ -20,6 +20,7 @@ def _share_the_cores_between_xdist_workers():
 _share_the_cores_between_xdist_workers()
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmark"))  # the benchmark's runner, report and tools, tested here too
 SHARED = Path(os.environ.get("CLEANGAN_SHARED", REPO.parent / "shared"))
 DATA_DIR = SHARED / "data"
 INCEPTION_WEIGHTS = SHARED / "weights" / "pt_inception-2015-12-05-pool3.pth"
@@ -72,6 +73,28 @@ def run_script(script: str, *args, cwd: Path, check: bool = True) -> subprocess.
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def run_script_in_this_process(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a script's `__main__` inside the test process (torch is imported once, so a start that fails costs
+    milliseconds, not a new interpreter): for checks that end before training. Same result type as run_script."""
+    import contextlib
+    import io
+    import runpy
+    from unittest import mock
+
+    out, err, returncode = io.StringIO(), io.StringIO(), 0
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with mock.patch.object(sys, "argv", [script, *map(str, args)]), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):  # fmt: skip
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as e:
+        returncode = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess([script, *args], returncode, out.getvalue(), err.getvalue())
 
 
 def only_run_dir(cwd: Path) -> Path:
@@ -146,3 +169,26 @@ def write_checkpoint(path: Path, generator, score_network, score_key: str = "dis
     torch.save({"generator": generator.state_dict(), score_key: score_network.state_dict(), "epoch": 1,
                 "args": {"latent_dim": 100, "conditional": False}, "run_name": path.stem}, path)  # fmt: skip
     return path
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The script stopped with exit status 2 and one `error:` line on stderr holding every fragment; returns it."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_divergence_stops_at_the_last_good_checkpoint(script: str, run_dir: Path, cwd: Path, *flags) -> None:
+    """Resume a copy of `run_dir` under `cwd` with absurd learning rates (`flags`): the run stops with one line that
+    names its checkpoint as the last good one, and that checkpoint is left byte for byte as it was."""
+    import shutil
+
+    copy = Path(cwd) / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    checkpoint = copy / "checkpoint.pt"
+    good = checkpoint.read_bytes()
+    result = run_script(script, *flags, "--resume", checkpoint, "--log-every", 1, cwd=cwd, check=False)
+    assert_one_line_error(result, "non-finite", f"last good checkpoint: runs/{run_dir.name}/checkpoint.pt")
+    assert checkpoint.read_bytes() == good

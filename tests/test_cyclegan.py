@@ -4,10 +4,18 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    DATA_DIR,
+    assert_divergence_stops_at_the_last_good_checkpoint,
+    needs_inception,
+    needs_mnist,
+    only_run_dir,
+    run_script,
+    tiny_mnist_flags,
+)
 
 import cyclegan
 import eval_fid
-from conftest import DATA_DIR, needs_inception, needs_mnist, only_run_dir, run_script, tiny_mnist_flags
 
 needs_usps = pytest.mark.skipif(
     not (DATA_DIR / "USPS" / "usps.bz2").exists(), reason=f"USPS not found under {DATA_DIR} (tests never download)"
@@ -103,3 +111,5 @@ def test_cyclegan_run_writes_grids_and_label_kept_metrics_and_resumes(tmp_path, 
     assert final["usps_to_mnist_fid"] > 0 and final["usps_to_mnist_num_samples"] == 16
     assert [entry["epoch"] for entry in metrics["history"]] == [1, 2]
     assert (run_dir / "mnist_to_usps_epoch002.png").exists() and (run_dir / "usps_to_mnist_epoch002.png").exists()
+    absurd = [*flags, "--epochs", 3, "--lr", 1e38]
+    assert_divergence_stops_at_the_last_good_checkpoint("cyclegan.py", run_dir, tmp_path / "diverged", *absurd)

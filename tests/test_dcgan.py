@@ -4,9 +4,16 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    assert_divergence_stops_at_the_last_good_checkpoint,
+    needs_inception,
+    needs_mnist,
+    only_run_dir,
+    run_script,
+    tiny_mnist_flags,
+)
 
 import dcgan
-from conftest import needs_inception, needs_mnist, only_run_dir, run_script, tiny_mnist_flags
 
 
 def minibatch_features_by_loop(features: torch.Tensor, T: torch.Tensor, num_kernels: int, kernel_dim: int):
@@ -131,19 +138,21 @@ def test_every_trick_at_once_trains_resumes_like_an_uninterrupted_run_and_report
     interrupted.mkdir(), straight.mkdir()
     train(interrupted, cache_dir, *ALL_TRICKS, "--epochs", 1)
     run_dir = only_run_dir(interrupted)
-    first = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    first = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert first["replay"]["filled"] == 128 and first["replay"]["images"].abs().sum() > 0
     resumed = train(interrupted, cache_dir, *ALL_TRICKS, "--epochs", 2, "--resume", run_dir / "checkpoint.pt")
     assert "at epoch 1, step 2" in resumed.stdout
     train(straight, cache_dir, *ALL_TRICKS, "--epochs", 2)
-    after_resume = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    uninterrupted = torch.load(only_run_dir(straight) / "checkpoint.pt", weights_only=False)
+    after_resume = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    uninterrupted = torch.load(only_run_dir(straight) / "checkpoint.pt", weights_only=True)
     for part in ("generator", "discriminator"):
         for name, tensor in uninterrupted[part].items():
             assert torch.equal(tensor, after_resume[part][name]), (part, name)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= metrics["final"]["label_accuracy"] <= 1 and metrics["epochs"] == 2
     assert (run_dir / "samples_epoch002.png").exists()
+    absurd = [*tiny_mnist_flags(cache_dir), *ALL_TRICKS, "--epochs", 3, "--lr-g", 1e38, "--lr-d", 1e38]
+    assert_divergence_stops_at_the_last_good_checkpoint("dcgan.py", run_dir, tmp_path / "diverged", *absurd)
 
 
 @needs_mnist

@@ -6,12 +6,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    DATA_DIR,
+    INCEPTION_WEIGHTS,
+    needs_inception,
+    needs_mnist,
+    only_run_dir,
+    run_script,
+    separating_discriminator,
+    write_checkpoint,
+)
 
 import drs
 import vanilla_gan
 import wgan_gp
-from conftest import (DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, only_run_dir, run_script,
-                      separating_discriminator, write_checkpoint)  # fmt: skip
 
 
 def test_acceptance_probability_equals_the_papers_formula_on_known_logits():
@@ -118,7 +126,7 @@ def test_same_seed_gives_the_same_samples(tmp_path, cache_dir, checkpoints):
 @needs_inception
 def test_bad_checkpoints_and_an_uncalibrated_critic_are_one_clear_error(tmp_path, cache_dir, checkpoints):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    conditional = torch.load(checkpoints["critic"], weights_only=False)
+    conditional = torch.load(checkpoints["critic"], weights_only=True)
     conditional["args"]["conditional"] = True
     torch.save(conditional, tmp_path / "conditional.pt")
     cases = {

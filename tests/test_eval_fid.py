@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import (
+    DATA_DIR,
+    INCEPTION_WEIGHTS,
+    needs_inception,
+    needs_mnist,
+    run_script,
+)
 from PIL import Image
 
 import eval_fid
-from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, run_script
 
 N = 48  # images per set: the FID Inception runs ~10 img/s on 2 CPU cores
 

@@ -88,3 +88,48 @@ def test_to_unit_range_reads_uint8_and_tanh_ranges(samples, expected):
     out = eval_fid.to_unit_range(samples)
     assert out.shape == (2, 1, 1, 2)
     np.testing.assert_allclose(out.flatten(1).numpy(), expected, atol=1e-6)
+
+
+def mmd2_by_loops(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The unbiased MMD^2 written out pair by pair, with the cubic kernel (a.b / d + 1)^3."""
+    m, d = len(x), x.shape[1]
+
+    def k(a, b):
+        return (float(a @ b) / d + 1) ** 3
+
+    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    across = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return within - 2 * across
+
+
+def test_polynomial_mmd2_equals_the_pairwise_sum():
+    draws = torch.Generator().manual_seed(5)
+    x, y = torch.randn(12, 4, generator=draws, dtype=torch.float64), torch.randn(12, 4, generator=draws) + 0.3
+    assert eval_fid.polynomial_mmd2(x, y) == pytest.approx(mmd2_by_loops(x, y.double()), rel=1e-10)
+
+
+def test_kid_of_two_draws_of_one_distribution_is_zero_within_its_spread_and_positive_for_a_shift():
+    draws = torch.Generator().manual_seed(6)
+    a, b = torch.randn(2000, 16, generator=draws), torch.randn(2000, 16, generator=draws)
+    mean, std = eval_fid.kernel_inception_distance(a, b, num_subsets=50, subset_size=500)
+    assert abs(mean) < 3 * std and std > 0
+    shifted, shifted_std = eval_fid.kernel_inception_distance(a, b + 0.5, num_subsets=50, subset_size=500)
+    assert shifted > 10 * shifted_std
+
+
+def test_kid_uses_smaller_subsets_for_small_sets_and_each_full_subset_gives_the_same_value():
+    draws = torch.Generator().manual_seed(7)
+    a, b = torch.randn(30, 5, generator=draws, dtype=torch.float64), torch.randn(40, 5, generator=draws) * 1.5
+    mean, std = eval_fid.kernel_inception_distance(a[:30], b[:30].double(), num_subsets=4)  # subsets of 30 = whole sets
+    assert mean == pytest.approx(mmd2_by_loops(a, b[:30].double()), rel=1e-10) and std == pytest.approx(0, abs=1e-12)
+    eval_fid.kernel_inception_distance(a, b, num_subsets=2)  # 30 vs 40: subsets of 30, no error
+
+
+def test_kid_matches_torch_fidelity_on_the_same_features():
+    metric_kid = pytest.importorskip("torch_fidelity.metric_kid")
+    draws = torch.Generator().manual_seed(8)
+    real, fake = torch.randn(300, 64, generator=draws, dtype=torch.float64), torch.randn(300, 64, generator=draws) + 0.1
+    fake = fake.double()
+    ours, _ = eval_fid.kernel_inception_distance(real, fake, num_subsets=3, subset_size=300)
+    theirs = metric_kid.kid_features_to_metric(real, fake, kid_subsets=3, kid_subset_size=300, verbose=False)
+    assert ours == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-9)

@@ -5,10 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    DATA_DIR,
+    INCEPTION_WEIGHTS,
+    digit_template_generator,
+    needs_inception,
+    needs_mnist,
+    only_run_dir,
+    run_script,
+    separating_discriminator,
+    write_checkpoint,
+)
 
 import latent_adapt
-from conftest import DATA_DIR, INCEPTION_WEIGHTS, digit_template_generator, needs_inception, needs_mnist, run_script
-from conftest import only_run_dir, separating_discriminator, write_checkpoint
 
 
 def test_class_gaussian_fit_recovers_known_means_and_variances():

@@ -6,10 +6,17 @@ import math
 
 import pytest
 import torch
+from conftest import (
+    assert_divergence_stops_at_the_last_good_checkpoint,
+    needs_inception,
+    needs_mnist,
+    only_run_dir,
+    run_script,
+    tiny_mnist_flags,
+)
 from torch.distributions import MultivariateNormal
 
 import mdgan
-from conftest import needs_inception, needs_mnist, only_run_dir, run_script, tiny_mnist_flags
 
 
 @pytest.mark.parametrize("dim", [1, 2, 9])
@@ -97,11 +104,11 @@ def test_lr_halving_schedule_reaches_the_optimisers(tmp_path):
              "--lr-halve-every", 35, "--lr-g", 1e-3, "--lr-d", 2e-3]  # fmt: skip
     run_script("mdgan.py", *flags, "--epochs", 2, cwd=tmp_path)
     checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
-    saved = torch.load(checkpoint, weights_only=False)  # 40 steps: halved once, at step 35
+    saved = torch.load(checkpoint, weights_only=True)  # 40 steps: halved once, at step 35
     assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(5e-4)
     assert saved["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
     run_script("mdgan.py", *flags, "--epochs", 3, "--resume", checkpoint, cwd=tmp_path)
-    saved = torch.load(checkpoint, weights_only=False)  # steps 41-60 cross no halving: the resume set the rate
+    saved = torch.load(checkpoint, weights_only=True)  # steps 41-60 cross no halving: the resume set the rate
     assert saved["global_step"] == 60 and saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(5e-4)
 
 
@@ -114,11 +121,13 @@ def test_grid9_smoke_run_and_resume_guard(tmp_path):
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "metrics.json").exists()
     run_args = json.loads((run_dir / "metrics.json").read_text())["args"]
     assert run_args["latent"] == "normal" and run_args["lr_halve_every"] == 10000  # the authors' 2-D schedule
+    absurd = [*toy_flags, "--epochs", 2, "--lr-g", 1e38, "--lr-d", 1e38]
+    assert_divergence_stops_at_the_last_good_checkpoint("mdgan.py", run_dir, tmp_path / "diverged", *absurd)
     checkpoint = run_dir / "checkpoint.pt"
     result = run_script("mdgan.py", *toy_flags, "--epochs", 2, "--resume", checkpoint, "--latent", "uniform",
                         cwd=tmp_path, check=False)  # fmt: skip
     assert result.returncode != 0 and "trained with --latent normal" in result.stderr.strip().splitlines()[-1]
-    earlier_nets = torch.load(checkpoint, weights_only=False)
+    earlier_nets = torch.load(checkpoint, weights_only=True)
     del earlier_nets["toy_output_bound"]  # what a checkpoint of the linear-output 2-D generator looked like
     torch.save(earlier_nets, checkpoint)
     result = run_script("mdgan.py", *toy_flags, "--epochs", 2, "--resume", checkpoint, cwd=tmp_path, check=False)

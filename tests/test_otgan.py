@@ -5,9 +5,16 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    assert_divergence_stops_at_the_last_good_checkpoint,
+    needs_inception,
+    needs_mnist,
+    only_run_dir,
+    run_script,
+    tiny_mnist_flags,
+)
 
 import otgan
-from conftest import needs_inception, needs_mnist, only_run_dir, run_script, tiny_mnist_flags
 
 
 def random_cost(n: int, m: int, seed: int) -> torch.Tensor:
@@ -101,8 +108,8 @@ def test_otgan_alternates_critic_and_generator_steps_and_resumes_like_an_uninter
     resumed = train(interrupted, cache_dir, "--epochs", 2, "--bf16", "--resume", run_dir / "checkpoint.pt")
     assert "at epoch 1, step 4" in resumed.stdout
     train(straight, cache_dir, "--epochs", 2, "--bf16")
-    after_resume = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    uninterrupted = torch.load(only_run_dir(straight) / "checkpoint.pt", weights_only=False)
+    after_resume = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    uninterrupted = torch.load(only_run_dir(straight) / "checkpoint.pt", weights_only=True)
     for part in ("generator", "critic"):
         for name, tensor in uninterrupted[part].items():
             assert torch.equal(tensor, after_resume[part][name]), (part, name)
@@ -113,6 +120,8 @@ def test_otgan_alternates_critic_and_generator_steps_and_resumes_like_an_uninter
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["final"]) >= {"fid", "precision", "recall"} and metrics["step"] == 8
     assert (run_dir / "samples_epoch002.png").exists()
+    absurd = [*tiny_mnist_flags(cache_dir), "--batch-size", 16, "--sinkhorn-iters", 20, "--epochs", 3, "--lr", 1e38]
+    assert_divergence_stops_at_the_last_good_checkpoint("otgan.py", run_dir, tmp_path / "diverged", *absurd)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     result = train(tmp_path, cache_dir, "--epochs", 2, "--resume", corrupt, check=False)

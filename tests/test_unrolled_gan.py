@@ -6,14 +6,21 @@ import json
 import math
 
 import pytest
+import rescore_toy_checkpoints
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import (
+    assert_divergence_stops_at_the_last_good_checkpoint,
+    needs_inception,
+    needs_mnist,
+    only_run_dir,
+    run_script,
+    tiny_mnist_flags,
+)
 from torch.func import functional_call
 
-import rescore_toy_checkpoints
 import unrolled_gan as ug
-from conftest import needs_inception, needs_mnist, only_run_dir, run_script, tiny_mnist_flags
 
 
 class TinyDiscriminator(nn.Module):
@@ -144,13 +151,13 @@ def test_standardized_run_scores_the_generators_points_scaled_back(tmp_path):
     run_script("unrolled_gan.py", *flags, cwd=tmp_path)
     checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
     generator = ug.ToyGenerator(256)
-    generator.load_state_dict(torch.load(checkpoint, weights_only=False)["generator"])
+    generator.load_state_dict(torch.load(checkpoint, weights_only=True)["generator"])
     noise = torch.randn(200, 256, generator=torch.Generator().manual_seed(1 + 1))  # the script's eval noise for seed 1
     centres, std = ug.mixture_modes("grid9")
     with torch.no_grad():
         expected = generator(noise) * ug.mixture_std(centres, std)
     torch.testing.assert_close(torch.load(tmp_path / "points" / "points.pt"), expected)
-    one_mode = torch.load(checkpoint, weights_only=False)  # G set to output the first mode, in standardised units
+    one_mode = torch.load(checkpoint, weights_only=True)  # G set to output the first mode, in standardised units
     one_mode["generator"]["net.4.weight"].zero_()
     one_mode["generator"]["net.4.bias"].copy_(centres[0] / ug.mixture_std(centres, std))
     torch.save(one_mode, tmp_path / "one_mode.pt")
@@ -194,17 +201,17 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     g_losses = [float(line.split("g_loss ")[1].split()[0]) for line in result.stdout.splitlines() if "g_loss" in line]
     assert g_losses and all(value < 0 for value in g_losses)  # log(1 - D) < 0; the non-saturating loss is > 0
     assert (run_dir / "samples_epoch001.png").exists() and (run_dir / "best.pt").exists()
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # 20 steps: halved once, at step 15
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # 20 steps: halved once, at step 15
     assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 2)
     resumed = run_script("unrolled_gan.py", *tiny, "--epochs", 2, "--resume", run_dir / "checkpoint.pt", cwd=tmp_path)
     assert "at epoch 1, step 20" in resumed.stdout
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # 40 steps: halved at steps 15 and 30
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # 40 steps: halved at steps 15 and 30
     assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 4)  # the 2-D defaults, quartered
     assert saved["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(1e-4 / 4)
     # Resuming sets the command line's rates at once: with no halving left, nothing else would replace the saved ones.
     run_script("unrolled_gan.py", *tiny, "--epochs", 3, "--lr-halve-every", 0, "--lr-d", 3e-5,
                "--resume", run_dir / "checkpoint.pt", cwd=tmp_path)  # fmt: skip
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
     assert saved["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(3e-5)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -212,6 +219,8 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     other_data = run_script("unrolled_gan.py", *tiny, "--dataset", "grid9", "--resume", run_dir / "checkpoint.pt",
                             cwd=tmp_path, check=False)  # fmt: skip
     assert other_data.returncode == 2 and "was trained with --dataset ring8" in other_data.stderr
+    absurd = [*tiny, "--epochs", 4, "--lr-halve-every", 0, "--lr-g", 1e38, "--lr-d", 1e38]
+    assert_divergence_stops_at_the_last_good_checkpoint("unrolled_gan.py", run_dir, tmp_path / "diverged", *absurd)
 
 
 @pytest.mark.parametrize(

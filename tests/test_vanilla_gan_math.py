@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vanilla_gan import Discriminator, Generator, discriminator_loss, generator_loss, r1_penalty
+from vanilla_gan import (
+    Discriminator,
+    Generator,
+    discriminator_loss,
+    generator_loss,
+    r1_penalty,
+)
 
 
 def test_losses_match_the_probability_form():

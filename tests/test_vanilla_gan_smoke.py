@@ -1,20 +1,31 @@
 """vanilla_gan.py end to end with a tiny budget: outputs, resume, determinism and its one-line errors."""
 
 import json
+import subprocess
 
 import pytest
 import torch
-
-from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, only_run_dir, run_script
+from conftest import (
+    DATA_DIR,
+    INCEPTION_WEIGHTS,
+    REPO,
+    assert_divergence_stops_at_the_last_good_checkpoint,
+    needs_inception,
+    needs_mnist,
+    only_run_dir,
+    run_script,
+)
 
 pytestmark = [needs_mnist, needs_inception]
 
 
+TINY = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--num-train-images", 256,
+        "--eval-samples", 32, "--reference-size", 32, "--log-every", 2]  # fmt: skip
+
+
 def train(tmp_path, cache_dir, *extra, check=True):
     """4 steps per epoch (256 images, batch 64), FID on 32 samples against 32 test images."""
-    tiny = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
-            "--num-train-images", 256, "--eval-samples", 32, "--reference-size", 32, "--log-every", 2]  # fmt: skip
-    return run_script("vanilla_gan.py", *tiny, *extra, cwd=tmp_path, check=check)
+    return run_script("vanilla_gan.py", *TINY, "--cache-dir", cache_dir, *extra, cwd=tmp_path, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +38,17 @@ def one_epoch_run(tmp_path_factory, cache_dir):
 def test_a_run_writes_checkpoint_grid_events_metrics_and_samples(one_epoch_run):
     tmp_path, result = one_epoch_run
     run_dir = only_run_dir(tmp_path)
-    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 4
     assert (run_dir / "best.pt").exists() and (run_dir / "samples_epoch001.png").exists()
     assert list(run_dir.glob("events.out.tfevents.*"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["final"]) >= {"fid", "precision", "recall", "classifier_fid", "digits_covered"}
     assert metrics["history"][0]["epoch"] == 1 and metrics["step"] == 4
+    assert {"kid", "kid_std"} <= set(metrics["final"]) and metrics["best"]["epoch"] == 1  # best.pt is epoch 1 here
+    assert metrics["best"]["fid"] == metrics["final"]["fid"]  # ... so it holds the last generator: same scores
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert metrics["provenance"]["git_commit"] == (head or None) and metrics["provenance"]["threads"] >= 1
     assert len(list((tmp_path / "pngs").glob("*.png"))) == 32
     assert "FID" in result.stdout.strip().splitlines()[-1]
 
@@ -54,12 +69,12 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(one
     resumed = train(one_epoch_run[0], cache_dir, "--epochs", 2, "--resume", first_dir / "checkpoint.pt")
     assert "resumed" in resumed.stdout and "at epoch 1, step 4" in resumed.stdout
     assert only_run_dir(one_epoch_run[0]) == first_dir  # same run, same TensorBoard folder
-    after_resume = torch.load(first_dir / "checkpoint.pt", weights_only=False)
+    after_resume = torch.load(first_dir / "checkpoint.pt", weights_only=True)
     assert after_resume["epoch"] == 2 and after_resume["global_step"] == 8
     assert [h["epoch"] for h in after_resume["history"]] == [1, 2]
 
     train(tmp_path, cache_dir, "--epochs", 2)  # same seed, no interruption
-    straight = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=False)
+    straight = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
     for name, tensor in straight["generator"].items():
         assert torch.equal(tensor, after_resume["generator"][name]), name
 
@@ -79,16 +94,10 @@ def test_mismatched_checkpoint_is_one_clear_error(one_epoch_run, cache_dir):
     assert result.returncode != 0 and len(lines) == 1 and "does not match" in lines[0]
 
 
-def test_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, cache_dir):
-    train(tmp_path, cache_dir, "--epochs", 1)
-    checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
-    good = checkpoint.read_bytes()
+def test_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(one_epoch_run, tmp_path, cache_dir):
     # An absurd learning rate overflows the weights within a few steps.
-    result = train(tmp_path, cache_dir, "--epochs", 3, "--resume", checkpoint, "--lr-d", 1e38, "--lr-g", 1e38,
-                   "--log-every", 1, check=False)  # fmt: skip
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and "non-finite" in lines[0]
-    assert checkpoint.read_bytes() == good
+    flags = [*TINY, "--cache-dir", cache_dir, "--epochs", 3, "--lr-d", 1e38, "--lr-g", 1e38]
+    assert_divergence_stops_at_the_last_good_checkpoint("vanilla_gan.py", only_run_dir(one_epoch_run[0]), tmp_path, *flags)
 
 
 def test_r1_and_bf16_flags_train_and_log_the_penalty(tmp_path, cache_dir):

@@ -5,10 +5,18 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from conftest import (
+    DATA_DIR,
+    INCEPTION_WEIGHTS,
+    assert_divergence_stops_at_the_last_good_checkpoint,
+    needs_inception,
+    needs_mnist,
+    only_run_dir,
+    run_script,
+)
 
 import wgan_clip
 import wgan_gp
-from conftest import DATA_DIR, INCEPTION_WEIGHTS, needs_inception, needs_mnist, only_run_dir, run_script
 
 
 class LinearCritic(nn.Module):
@@ -101,11 +109,15 @@ SMOKE = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--nu
 @pytest.mark.parametrize("extra", [[], ["--generator-bn", "--critic-boost", "--boost-iters", 3, "--boost-first", 2, "--boost-every", 4]])
 def test_wgan_clip_runs_counts_critic_steps_and_keeps_weights_clipped(tmp_path, cache_dir, extra):
     run_script("wgan_clip.py", *SMOKE, "--cache-dir", cache_dir, "--epochs", 2, *extra, cwd=tmp_path)
-    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
     boost = {"iters": 3, "first": 2, "every": 4} if extra else None
     assert checkpoint["critic_step"] == 40
     assert checkpoint["global_step"] == expected_generator_steps(40, 5, boost)
     assert max(t.abs().max().item() for t in checkpoint["critic"].values()) <= 0.01
+    if not extra:  # clipping bounds the critic, so it is the generator that overflows
+        absurd = [*SMOKE, "--cache-dir", cache_dir, "--epochs", 3, "--lr-g", 1e38, "--lr-critic", 1e38]
+        run_dir = only_run_dir(tmp_path)
+        assert_divergence_stops_at_the_last_good_checkpoint("wgan_clip.py", run_dir, tmp_path / "diverged", *absurd)
 
 
 @needs_mnist
@@ -130,12 +142,14 @@ def test_wgan_gp_resume_and_fine_tune_with_scaled_learning_rates(tmp_path, cache
     first = only_run_dir(tmp_path)
     resumed = run_script("wgan_gp.py", *common, "--epochs", 2, "--resume", first / "checkpoint.pt", cwd=tmp_path)
     assert "at epoch 1, step 4" in resumed.stdout and only_run_dir(tmp_path) == first
-    assert torch.load(first / "checkpoint.pt", weights_only=False)["critic_step"] == 40
+    assert torch.load(first / "checkpoint.pt", weights_only=True)["critic_step"] == 40
 
     fine_dir = tmp_path / "fine"
     fine_dir.mkdir()
     run_script("wgan_gp.py", *common, "--fine-tune-from", first / "best.pt", "--lr-scale", 0.5, "--epochs", 1, cwd=fine_dir)
-    tuned = torch.load(only_run_dir(fine_dir) / "checkpoint.pt", weights_only=False)
+    tuned = torch.load(only_run_dir(fine_dir) / "checkpoint.pt", weights_only=True)
     assert tuned["epoch"] == 1 and tuned["run_name"] != first.name  # a new run, one more epoch
     assert [g["lr"] for g in tuned["optimizer_g"]["param_groups"]] == [0.5e-4]
     assert [g["lr"] for g in tuned["optimizer_c"]["param_groups"]] == [0.5e-4]
+    absurd = [*common, "--epochs", 3, "--lr-g", 1e38, "--lr-critic", 1e38]
+    assert_divergence_stops_at_the_last_good_checkpoint("wgan_gp.py", first, tmp_path / "diverged", *absurd)

@@ -1,6 +1,6 @@
 """Speed of vanilla_gan.py against the pure-compute floor of its nets and a DataLoader-fed loop (not a test).
 
-Run: python tests/benchmark_vanilla_gan.py --data-dir ../shared/data --inception-weights ../shared/weights/pt_inception-2015-12-05-pool3.pth
+Run: python benchmark/speed_vanilla_gan.py --data-dir ../shared/data --inception-weights ../shared/weights/pt_inception-2015-12-05-pool3.pth
 Prints a Markdown table; README.md quotes its output.
 """
 

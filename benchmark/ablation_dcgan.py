@@ -2,7 +2,7 @@
 
 Each configuration is a separate `dcgan.py` run with the same seed, epochs and evaluation; extra arguments go to
 every run. Not a test (pytest collects only test_*.py). The README's table came from:
-  python tests/ablation_dcgan.py --epochs 2 --eval-samples 1000 -- --bf16 --data-dir ../shared/data \
+  python benchmark/ablation_dcgan.py --epochs 2 --eval-samples 1000 -- --bf16 --data-dir ../shared/data \
       --inception-weights ../shared/weights/pt_inception-2015-12-05-pool3.pth
 """
 

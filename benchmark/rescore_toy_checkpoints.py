@@ -4,7 +4,7 @@ A run picks `best.pt` by its evaluation on one fixed noise batch (seed + 1), so 
 chosen, not measured. This draws new noise batches the run never saw and reports modes covered and the
 high-quality share of each, with the run's own metric and threshold.
 
-Run: python tests/rescore_toy_checkpoints.py runs/RUN/best.pt runs/RUN/checkpoint.pt --noise-seeds 1000 1001 1002
+Run: python benchmark/rescore_toy_checkpoints.py runs/RUN/best.pt runs/RUN/checkpoint.pt --noise-seeds 1000 1001 1002
 Prints a Markdown table; README.md quotes its output.
 """
 

@@ -1,0 +1,183 @@
+"""Turns the benchmark's metrics.json files into results/summary.json, the README's results table and the curves.
+
+Nobody types a number: every row is read from the runs that run_benchmark.py made (mean, std and per-seed values).
+Run: python benchmark/report.py   (after python benchmark/run_benchmark.py)
+"""
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_benchmark  # noqa: E402  (the table of rows lives there)
+
+REPO = run_benchmark.REPO
+TABLE_START, TABLE_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+CURVES_START, CURVES_END = "<!-- results-curves:start -->", "<!-- results-curves:end -->"
+HEADLINE = ("fid", "kid", "precision", "recall")
+EXTRA = ("classifier_fid", "digits_covered", "label_accuracy", "mnist_to_usps_label_kept", "usps_to_mnist_label_kept",
+         "modes_covered")  # fmt: skip
+
+
+@dataclass
+class Args:
+    work_dir: str = str(REPO / "benchmark" / "work")
+    """where run_benchmark.py left the runs"""
+    results_dir: str = str(REPO / "results")
+    """writes summary.json, curves.png and a copy of every run's metrics.json (METHOD/VARIANT/seedN.json) here"""
+    readme: str = str(REPO / "README.md")
+    """the file whose results table (between the marker comments) is regenerated; '' to leave it alone"""
+
+
+def scored_generators(metrics: dict) -> dict:
+    """{generator name: its metrics} of one metrics.json, with cyclegan's F(USPS) keys named like everyone's."""
+    if "final" in metrics:
+        found = {"last": metrics["final"], **({"best": metrics["best"]} if metrics.get("best") else {})}
+    elif "drs" in metrics:
+        found = {"base": metrics["base"], "drs": metrics["drs"]}
+    elif "adapted" in metrics:
+        found = {"base": metrics["base"], "adapted": metrics["adapted"]}
+    else:  # eval_fid.py --json-out: one set of samples
+        found = {"real": metrics}
+    prefix = "usps_to_mnist_"
+    return {name: {key[len(prefix):] if key.startswith(prefix) and key[len(prefix):] in HEADLINE + ("num_samples",)
+                   else key: value for key, value in scores.items()} for name, scores in found.items()}  # fmt: skip
+
+
+def spread(values: list) -> dict:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "values": values}
+
+
+def summary_rows(runs: dict) -> list:
+    """One row per (method, variant, generator) from {(row, seed): (metrics.json path, metrics)}."""
+    rows = []
+    for table_row in run_benchmark.ROWS:
+        done = [(seed, *runs[table_row, seed]) for seed in table_row.seeds if (table_row, seed) in runs]
+        if not done:
+            continue
+        generators = scored_generators(done[0][2])
+        for generator in generators:
+            per_seed = [(seed, path, scored_generators(metrics)[generator], metrics) for seed, path, metrics in done]
+            first_metrics = per_seed[0][3]
+            row = {
+                "method": table_row.method, "variant": table_row.variant, "generator": generator,
+                "command": " ".join(["python", f"{table_row.method}.py", *table_row.flags]),
+                "seeds": [seed for seed, *_ in per_seed],
+                "epochs": first_metrics.get("epochs"),
+                "num_samples": per_seed[0][2].get("num_samples"),
+                "train_minutes": spread([m.get("train_seconds", 0.0) / 60 for *_, m in per_seed])["mean"],
+                "device": (first_metrics.get("provenance") or {}).get("device_name", first_metrics.get("device")),
+                "commit": (first_metrics.get("provenance") or {}).get("git_commit"),
+                "runs": [str(Path(path).relative_to(REPO)) if Path(path).is_relative_to(REPO) else path
+                         for _, path, *_ in per_seed],
+            }  # fmt: skip
+            if generator == "best":
+                row["best_epochs"] = [scores.get("epoch") for _, _, scores, _ in per_seed]
+            for key in (*HEADLINE, *EXTRA):
+                if all(key in scores for _, _, scores, _ in per_seed):
+                    row[key] = spread([scores[key] for _, _, scores, _ in per_seed])
+            rows.append(row)
+    return rows
+
+
+def cell(stats: dict | None, digits: int, scale: float = 1.0) -> str:
+    if not stats:
+        return "-"
+    mean = f"{stats['mean'] * scale:.{digits}f}"
+    return mean if len(stats["values"]) == 1 else f"{mean} ± {stats['std'] * scale:.{digits}f}"
+
+
+def markdown_table(rows: list) -> str:
+    lines = ["| method | variant | generator | FID | KID ×1000 | precision | recall | seeds | samples | budget | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        budget = f"{row['epochs']} epochs, {row['train_minutes']:.0f} min" if row["epochs"] else "-"
+        lines.append(f"| {row['method']} | {row['variant']} | {row['generator']} | {cell(row.get('fid'), 2)} | "
+                     f"{cell(row.get('kid'), 2, 1000)} | {cell(row.get('precision'), 3)} | {cell(row.get('recall'), 3)} | "
+                     f"{', '.join(map(str, row['seeds']))} | {row['num_samples']} | {budget} | {row['device']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"error: the README has no {start} ... {end} markers to write between")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
+def plot_curves(runs: dict, path: Path) -> None:
+    """The fast metric against epoch and against training minutes, one colour per (method, variant), the seeds'
+    range as a band: people look at curves before tables."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_epoch, by_minute) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for table_row in run_benchmark.ROWS:
+        histories = [runs[table_row, s][1].get("history") for s in table_row.seeds if (table_row, s) in runs]
+        histories = [h for h in histories if h and "classifier_fid" in h[0]]
+        if not histories:
+            continue
+        length = min(len(h) for h in histories)
+        epochs = [entry["epoch"] for entry in histories[0][:length]]
+        minutes = [sum(h[i]["train_seconds"] for h in histories) / len(histories) / 60 for i in range(length)]
+        values = [[h[i]["classifier_fid"] for h in histories] for i in range(length)]
+        mean = [sum(v) / len(v) for v in values]
+        label = f"{table_row.method} {table_row.variant} ({len(histories)} seed{'s' if len(histories) > 1 else ''})"
+        for axis, x in ((by_epoch, epochs), (by_minute, minutes)):
+            (line,) = axis.plot(x, mean, label=label)
+            if len(histories) > 1:
+                axis.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+    for axis, xlabel in ((by_epoch, "epoch"), (by_minute, "training minutes")):
+        axis.set_yscale("log")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("classifier FID (fast metric, 10,000 samples; lower is better)")
+        axis.grid(alpha=0.3)
+    by_epoch.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def collect(work_dir: str) -> dict:
+    """{(row, seed): (path, metrics)} for every finished run under work_dir."""
+    runs = {}
+    for table_row in run_benchmark.ROWS:
+        for seed in table_row.seeds:
+            path = run_benchmark.finished_metrics(run_benchmark.run_folder(work_dir, table_row.method, table_row.variant, seed))
+            if path:
+                runs[table_row, seed] = (path, json.loads(Path(path).read_text()))
+    return runs
+
+
+def main(args: Args) -> list:
+    runs = collect(args.work_dir)
+    results = Path(args.results_dir)
+    copies = {}
+    for (table_row, seed), (path, metrics) in runs.items():  # the committed trace of each row: its metrics.json
+        copy = results / table_row.method / table_row.variant / f"seed{seed}.json"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+        copies[table_row, seed] = (str(copy), metrics)
+    rows = summary_rows(copies)
+    (results / "summary.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    plot_curves(runs, results / "curves.png")
+    if args.readme:
+        readme = Path(args.readme)
+        text = replace_between(readme.read_text(), TABLE_START, TABLE_END, markdown_table(rows))
+        image = f"![fast metric against epoch and training minutes]({os.path.relpath(results / 'curves.png', readme.parent)})"
+        readme.write_text(replace_between(text, CURVES_START, CURVES_END, image))
+    print(f"{len(rows)} rows from {len(runs)} runs -> {results / 'summary.json'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,157 @@
+"""Runs every row of CleanGAN's results table under one protocol, and picks up where it stopped.
+
+Protocol: 10,000 samples against the 10,000 MNIST test images (cyclegan: F(all 2,007 USPS test digits)), FID, KID,
+precision, recall and the fast metric, for the last generator and best.pt of every training run.
+Run: python benchmark/run_benchmark.py --jobs 2   (then: python benchmark/report.py)
+"""
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from glob import glob
+from pathlib import Path
+from typing import Optional
+
+import tyro
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table: a script, the flags that make its variant, and the seeds it runs."""
+
+    method: str
+    """the script's name without .py"""
+    variant: str
+    """names the flags below (`default` for none)"""
+    flags: tuple = ()
+    """the flags that differ from the script's defaults; the runner adds --seed and the offline flags"""
+    seeds: tuple = (1,)
+    base: Optional[tuple] = None
+    """post-hoc samplers: the (method, variant) whose seed's checkpoint.pt they start from"""
+
+
+# The exact command of every row in results/summary.json. Budgets are the scripts' defaults unless a flag says
+# otherwise (vanilla_gan 100 epochs, wgan_* 100, dcgan 25, otgan 30, cyclegan 10, unrolled/mdgan on MNIST 100).
+ROWS = [
+    Row("mnist_train", "real-vs-real"),
+    Row("vanilla_gan", "default", seeds=(1, 2, 3)),
+    Row("vanilla_gan", "r1-gamma-10", ("--r1-gamma", "10")),
+    Row("wgan_clip", "default"),
+    Row("wgan_gp", "default", ("--lambda-gp", "10", "--n-critic", "5")),
+    Row("unrolled_gan", "mnist-K5", ("--dataset", "mnist", "--unroll-steps", "5")),
+    Row("mdgan", "mnist", ("--dataset", "mnist")),
+    Row("otgan", "default", ("--bf16",)),
+    Row("cyclegan", "default", ("--bf16",)),
+    Row("dcgan", "default", ("--bf16",), seeds=(1, 2, 3)),
+    Row("latent_adapt", "on-vanilla_gan", base=("vanilla_gan", "default")),
+    Row("drs", "on-vanilla_gan", base=("vanilla_gan", "default")),
+    Row("latent_adapt", "on-wgan_gp", base=("wgan_gp", "default")),
+    Row("drs", "on-wgan_gp", base=("wgan_gp", "default")),
+]
+
+
+@dataclass
+class Args:
+    jobs: int = 1
+    """runs side by side, each pinned to its own core with one thread (1: one after another, all cores)"""
+    work_dir: str = str(REPO / "benchmark" / "work")
+    """where each run lives, as WORK/METHOD/VARIANT/seedN/runs/RUN (checkpoints too: not committed)"""
+    only: tuple[str, ...] = ()
+    """run only these methods (e.g. --only vanilla_gan dcgan); post-hoc rows still need their base finished"""
+    extra: tuple[str, ...] = ()
+    """flags added to every training command, e.g. --extra --epochs 2 for a short check (label such rows as short)"""
+    data_dir: str = str(REPO.parent / "shared" / "data")
+    """MNIST (and USPS) for every command"""
+    inception_weights: str = str(REPO.parent / "shared" / "weights" / "pt_inception-2015-12-05-pool3.pth")
+    """the FID Inception weights for every command"""
+    dry_run: bool = False
+    """print what would run, run nothing"""
+    poll_seconds: float = field(default=5.0)
+    """how often to check on running jobs"""
+
+
+def run_folder(work_dir: str, method: str, variant: str, seed: int) -> Path:
+    return Path(work_dir) / method / variant / f"seed{seed}"
+
+
+def finished_metrics(folder: Path) -> Optional[str]:
+    """The metrics.json a finished run left in `folder`, or None."""
+    found = sorted(glob(str(folder / "runs" / "*" / "metrics.json"))) + sorted(glob(str(folder / "metrics.json")))
+    return found[0] if found else None
+
+
+def command(row: Row, seed: int, args: Args) -> Optional[list]:
+    """The command that runs (or resumes) one seed of a row; None while its base run is not finished."""
+    offline = ["--data-dir", args.data_dir, "--inception-weights", args.inception_weights]
+    folder = run_folder(args.work_dir, row.method, row.variant, seed)
+    if row.method == "mnist_train":  # the floor: 10,000 real training digits scored like a generator's samples
+        return [sys.executable, str(REPO / "eval_fid.py"), "mnist-train", *offline, "--json-out", str(folder / "metrics.json")]
+    if row.base:
+        base = run_folder(args.work_dir, *row.base, seed)
+        if finished_metrics(base) is None:
+            return None
+        (checkpoint,) = glob(str(base / "runs" / "*" / "checkpoint.pt"))
+        return [sys.executable, str(REPO / f"{row.method}.py"), checkpoint, "--seed", str(seed), *row.flags, *offline]
+    resume = sorted(glob(str(folder / "runs" / "*" / "checkpoint.pt")))
+    return [sys.executable, str(REPO / f"{row.method}.py"), "--seed", str(seed), *row.flags, *args.extra, *offline,
+            *(["--resume", resume[0]] if resume else [])]  # fmt: skip
+
+
+def pending(args: Args) -> list:
+    """(row, seed) pairs whose metrics.json does not exist yet, in table order."""
+    return [(row, seed) for row in ROWS for seed in row.seeds
+            if (not args.only or row.method in args.only)
+            and finished_metrics(run_folder(args.work_dir, row.method, row.variant, seed)) is None]  # fmt: skip
+
+
+def main(args: Args) -> int:
+    todo, running, failed = pending(args), {}, []
+    free_cores = sorted(os.sched_getaffinity(0))[: max(1, args.jobs)]
+    print(f"{len(todo)} runs to do in {args.work_dir}")
+    while todo or running:
+        for job, (process, core, label, log) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                print(f"{time.strftime('%H:%M:%S')} {label}: exit {process.returncode}")
+                if process.returncode != 0:
+                    failed.append(label)
+                free_cores.append(core)
+                del running[job]
+        for row, seed in list(todo):
+            if not free_cores:
+                break
+            cmd = command(row, seed, args)
+            if cmd is None:
+                continue  # its base is not finished yet (or failed: then it stays to do)
+            todo.remove((row, seed))
+            label = f"{row.method}/{row.variant}/seed{seed}"
+            if args.dry_run:
+                print(label, " ".join(cmd))
+                continue
+            folder = run_folder(args.work_dir, row.method, row.variant, seed)
+            folder.mkdir(parents=True, exist_ok=True)
+            core = free_cores.pop(0)
+            env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else dict(os.environ)
+            pin = (lambda core=core: os.sched_setaffinity(0, {core})) if args.jobs > 1 else None
+            log = open(folder / "log.txt", "a")
+            print(f"{time.strftime('%H:%M:%S')} {label}: {' '.join(cmd)}", flush=True)
+            running[label] = (subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                               preexec_fn=pin), core, label, log)  # fmt: skip
+        if args.dry_run:
+            break
+        blocked = todo and not running and all(command(row, seed, args) is None for row, seed in todo)
+        if blocked:
+            print("left to do, waiting on bases that did not finish: " + ", ".join(f"{r.method}/{r.variant}" for r, _ in todo))
+            return 1
+        time.sleep(args.poll_seconds if running else 0)
+    if failed:
+        print("failed (see their log.txt; run again to resume): " + ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args)))
