@@ -94,7 +94,12 @@ def cell(stats: dict | None, digits: int, scale: float = 1.0) -> str:
     return mean if len(stats["values"]) == 1 else f"{mean} ± {stats['std'] * scale:.{digits}f}"
 
 
+NO_ROWS = "No row has been run under the protocol yet: `python benchmark/run_benchmark.py --jobs 2`, then this script."
+
+
 def markdown_table(rows: list) -> str:
+    if not rows:
+        return NO_ROWS
     lines = ["| method | variant | generator | FID | KID ×1000 | precision | recall | seeds | samples | budget | device |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
@@ -168,6 +173,7 @@ def main(args: Args) -> list:
         shutil.copyfile(path, copy)
         copies[table_row, seed] = (str(copy), metrics)
     rows = summary_rows(copies)
+    results.mkdir(parents=True, exist_ok=True)
     (results / "summary.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     plot_curves(runs, results / "curves.png")
     if args.readme:

@@ -111,3 +111,10 @@ def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_
 
     with Image.open(tmp_path / "results" / "curves.png") as image:
         assert image.size[0] > 800 and len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
+
+
+def test_the_report_without_finished_runs_says_so_instead_of_an_empty_table(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.TABLE_START}\nold\n{report.TABLE_END}\n{report.CURVES_START}\n{report.CURVES_END}\n")
+    rows = report.main(report.Args(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(readme)))
+    assert rows == [] and report.NO_ROWS in readme.read_text() and "| method |" not in readme.read_text()
