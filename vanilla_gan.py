@@ -60,6 +60,8 @@ class Args:
     # the method
     r1_gamma: float = 0.0
     """R1 penalty weight gamma in gamma/2 * E||grad_x D(x)||^2 on real images (0 = off; try 10)"""
+    d_dropout: float = 0.0
+    """dropout after each hidden layer of D while training (0 = off); it adds no weights, the nets stay the imposed ones"""
 
     # evaluation, logging and checkpoints
     log_every: int = 100
@@ -101,13 +103,13 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """784 -> 1024 -> 512 -> 256 -> 1 with LeakyReLU(0.2); returns the logit (the sigmoid lives in the loss)."""
 
-    def __init__(self):
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(784, 1024), nn.LeakyReLU(0.2),
-            nn.Linear(1024, 512), nn.LeakyReLU(0.2),
-            nn.Linear(512, 256), nn.LeakyReLU(0.2),
+            nn.Linear(784, 1024), nn.LeakyReLU(0.2), nn.Dropout(dropout),
+            nn.Linear(1024, 512), nn.LeakyReLU(0.2), nn.Dropout(dropout),
+            nn.Linear(512, 256), nn.LeakyReLU(0.2), nn.Dropout(dropout),
             nn.Linear(256, 1),
         )  # fmt: skip
 
@@ -174,7 +176,7 @@ if __name__ == "__main__":
     eval_noise = eval_noise.to(device)
 
     generator = Generator(args.latent_dim).to(device)
-    discriminator = Discriminator().to(device)
+    discriminator = Discriminator(args.d_dropout).to(device)
     fused = device.type in ("cuda", "cpu")  # one kernel per step instead of one per parameter tensor
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused)
