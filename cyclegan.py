@@ -282,7 +282,10 @@ if __name__ == "__main__":
     def to_device(images: torch.Tensor) -> torch.Tensor:
         return (images.float() / 127.5 - 1).unsqueeze(1).to(device, memory_format=torch.channels_last)
 
-    mnist_train, usps_train = to_device(mnist_train[: args.num_train_images]), to_device(usps_train[: args.num_train_images])
+    mnist_train, usps_train = (
+        to_device(mnist_train[: args.num_train_images]),
+        to_device(usps_train[: args.num_train_images]),
+    )
     mnist_test, usps_test = to_device(mnist_test[: args.eval_samples]), to_device(usps_test[: args.eval_samples])
     mnist_test_labels = mnist_test_labels[: args.eval_samples].to(device)
     usps_test_labels = usps_test_labels[: args.eval_samples].to(device)
@@ -304,8 +307,12 @@ if __name__ == "__main__":
     optimizer_d = torch.optim.Adam([*mnist_critic.parameters(), *usps_critic.parameters()], **adam)
     fake_mnist_pool = HistoryPool(args.pool_size, (1, MNIST_SIZE, MNIST_SIZE), device, seed=args.seed + 2)
     fake_usps_pool = HistoryPool(args.pool_size, (1, USPS_SIZE, USPS_SIZE), device, seed=args.seed + 3)
-    networks = {"mnist_to_usps": mnist_to_usps, "usps_to_mnist": usps_to_mnist,
-                "mnist_critic": mnist_critic, "usps_critic": usps_critic}  # fmt: skip
+    networks = {
+        "mnist_to_usps": mnist_to_usps,
+        "usps_to_mnist": usps_to_mnist,
+        "mnist_critic": mnist_critic,
+        "usps_critic": usps_critic,
+    }
     grid_mnist, grid_usps = mnist_test[:10], usps_test[:10]
 
     start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, -1.0, []
@@ -324,7 +331,11 @@ if __name__ == "__main__":
             for group in optimizer.param_groups:
                 group["lr"] = args.lr  # the command line wins: a resumed run may change its learning rate
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
-        train_seconds, best_metric, history = checkpoint["train_seconds"], checkpoint["best_metric"], checkpoint["history"]
+        train_seconds, best_metric, history = (
+            checkpoint["train_seconds"],
+            checkpoint["best_metric"],
+            checkpoint["history"],
+        )
         usps_order, usps_position = checkpoint["usps_order"].to(device), checkpoint["usps_position"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
@@ -344,18 +355,26 @@ if __name__ == "__main__":
         eval_fid.atomic_save(
             {
                 **{name: network.state_dict() for name, network in networks.items()},
-                "optimizer_g": optimizer_g.state_dict(), "optimizer_d": optimizer_d.state_dict(),
+                "optimizer_g": optimizer_g.state_dict(),
+                "optimizer_d": optimizer_d.state_dict(),
                 "pools": {"mnist": fake_mnist_pool.state_dict(), "usps": fake_usps_pool.state_dict()},
-                "usps_order": usps_order, "usps_position": usps_position,
-                "epoch": epoch, "global_step": global_step, "train_seconds": train_seconds,
-                "best_metric": best_metric, "history": history, "run_name": run_name, "args": asdict(args),
+                "usps_order": usps_order,
+                "usps_position": usps_position,
+                "epoch": epoch,
+                "global_step": global_step,
+                "train_seconds": train_seconds,
+                "best_metric": best_metric,
+                "history": history,
+                "run_name": run_name,
+                "args": asdict(args),
                 "rng": {
-                    "torch": torch.get_rng_state(), "batch_order": batch_order.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "batch_order": batch_order.get_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                 },
             },
             path,
-        )  # fmt: skip
+        )
 
     checkpoint_path, best_path = f"{run_dir}/checkpoint.pt", f"{run_dir}/best.pt"
     for epoch in range(start_epoch + 1, args.epochs + 1):
@@ -403,8 +422,12 @@ if __name__ == "__main__":
             global_step += 1
 
             if global_step % args.log_every == 0:  # the only host syncs of the loop
-                values = {"g_loss": g_loss.item(), "d_loss": d_loss.item(), "cycle_loss": cycle.item(),
-                          "adversarial_loss": adversarial.item()}  # fmt: skip
+                values = {
+                    "g_loss": g_loss.item(),
+                    "d_loss": d_loss.item(),
+                    "cycle_loss": cycle.item(),
+                    "adversarial_loss": adversarial.item(),
+                }
                 if not all(np.isfinite(v) for v in values.values()):
                     message = f"non-finite loss at step {global_step} ({values})"
                     eval_fid.fail_diverged(message, checkpoint_path, args.resume)
@@ -412,31 +435,43 @@ if __name__ == "__main__":
                     writer.add_scalar(f"losses/{key}", value, global_step)
                 steps_per_second = (step_in_epoch + 1) / (time.time() - epoch_start)
                 writer.add_scalar("charts/steps_per_second", steps_per_second, global_step)
-                print(f"epoch {epoch} step {global_step}: g_loss {values['g_loss']:.3f} d_loss {values['d_loss']:.3f} "
-                      f"cycle {values['cycle_loss']:.3f} | {steps_per_second:.1f} steps/s")  # fmt: skip
+                print(
+                    f"epoch {epoch} step {global_step}: g_loss {values['g_loss']:.3f} d_loss {values['d_loss']:.3f} "
+                    f"cycle {values['cycle_loss']:.3f} | {steps_per_second:.1f} steps/s"
+                )
         train_seconds += time.time() - epoch_start
         writer.add_scalar("charts/epoch_seconds", time.time() - epoch_start, global_step)
 
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             metrics = {
-                "mnist_to_usps_label_kept": label_kept(usps_classifier, translate(mnist_to_usps, mnist_test), mnist_test_labels),
-                "usps_to_mnist_label_kept": label_kept(mnist_classifier, translate(usps_to_mnist, usps_test), usps_test_labels),
-            }  # fmt: skip
+                "mnist_to_usps_label_kept": label_kept(
+                    usps_classifier, translate(mnist_to_usps, mnist_test), mnist_test_labels
+                ),
+                "usps_to_mnist_label_kept": label_kept(
+                    mnist_classifier, translate(usps_to_mnist, usps_test), usps_test_labels
+                ),
+            }
             history.append({"epoch": epoch, "step": global_step, "train_seconds": train_seconds, **metrics})
             for key, value in metrics.items():
                 writer.add_scalar(f"eval/{key}", value, global_step)
-            for name, grid in (("mnist_to_usps", translation_grid(grid_mnist, mnist_to_usps, usps_to_mnist, MNIST_SIZE)),
-                               ("usps_to_mnist", translation_grid(grid_usps, usps_to_mnist, mnist_to_usps, MNIST_SIZE))):  # fmt: skip
+            for name, grid in (
+                ("mnist_to_usps", translation_grid(grid_mnist, mnist_to_usps, usps_to_mnist, MNIST_SIZE)),
+                ("usps_to_mnist", translation_grid(grid_usps, usps_to_mnist, mnist_to_usps, MNIST_SIZE)),
+            ):
                 writer.add_image(f"translations/{name}", grid, global_step)  # rows: x, translated, back again
                 torchvision.utils.save_image(grid, f"{run_dir}/{name}_epoch{epoch:03d}.png")
-            print(f"epoch {epoch}: label kept MNIST->USPS {metrics['mnist_to_usps_label_kept']:.1%}, "
-                  f"USPS->MNIST {metrics['usps_to_mnist_label_kept']:.1%}, {train_seconds:.0f}s of training")  # fmt: skip
+            print(
+                f"epoch {epoch}: label kept MNIST->USPS {metrics['mnist_to_usps_label_kept']:.1%}, "
+                f"USPS->MNIST {metrics['usps_to_mnist_label_kept']:.1%}, {train_seconds:.0f}s of training"
+            )
 
         if epoch % args.checkpoint_every == 0 or epoch == args.epochs:
             if not all(torch.isfinite(p).all() for network in networks.values() for p in network.parameters()):
                 eval_fid.fail_diverged(f"non-finite weights at epoch {epoch}", checkpoint_path, args.resume)
             # best.pt: the epoch whose weaker direction keeps the most labels
-            worst_direction = min(history[-1]["mnist_to_usps_label_kept"], history[-1]["usps_to_mnist_label_kept"]) if history else -1
+            worst_direction = (
+                min(history[-1]["mnist_to_usps_label_kept"], history[-1]["usps_to_mnist_label_kept"]) if history else -1
+            )
             improved = history and history[-1]["epoch"] == epoch and worst_direction > best_metric
             if improved:
                 best_metric = worst_direction
@@ -449,10 +484,12 @@ if __name__ == "__main__":
     def score_mappings() -> dict:
         usps_as_mnist = translate(usps_to_mnist, usps_test)
         return {
-            "mnist_to_usps_label_kept": label_kept(usps_classifier, translate(mnist_to_usps, mnist_test), mnist_test_labels),
+            "mnist_to_usps_label_kept": label_kept(
+                usps_classifier, translate(mnist_to_usps, mnist_test), mnist_test_labels
+            ),
             "usps_to_mnist_label_kept": label_kept(mnist_classifier, usps_as_mnist, usps_test_labels),
             **{f"usps_to_mnist_{key}": value for key, value in evaluator.full(usps_as_mnist).items()},
-        }  # fmt: skip
+        }
 
     final = score_mappings()
     best = None
@@ -467,17 +504,30 @@ if __name__ == "__main__":
         writer.add_scalar(f"final/{key}", final[key], global_step)
         if best:
             writer.add_scalar(f"best/{key}", best[key], global_step)
-    hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    hparams = {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
     metric_keys = ("mnist_to_usps_label_kept", "usps_to_mnist_label_kept", "usps_to_mnist_fid")
     writer.add_hparams(hparams, {f"hparam/{k}": final[k] for k in metric_keys}, run_name=".")
     writer.close()
-    summary = {"run_name": run_name, "epochs": args.epochs, "step": global_step, "device": str(device),
-               "train_seconds": train_seconds, "final": final, "best": best,
-               "provenance": eval_fid.provenance(device), "history": history, "args": asdict(args)}  # fmt: skip
+    summary = {
+        "run_name": run_name,
+        "epochs": args.epochs,
+        "step": global_step,
+        "device": str(device),
+        "train_seconds": train_seconds,
+        "final": final,
+        "best": best,
+        "provenance": eval_fid.provenance(device),
+        "history": history,
+        "args": asdict(args),
+    }
     with open(f"{run_dir}/metrics.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(f"{run_dir}/metrics.json.tmp", f"{run_dir}/metrics.json")
     print(eval_fid.format_table({k: v for k, v in final.items() if not k.endswith("class_histogram")}))
-    print(f"{run_name}: label kept MNIST->USPS {final['mnist_to_usps_label_kept']:.1%}, USPS->MNIST "
-          f"{final['usps_to_mnist_label_kept']:.1%}, FID of F(USPS test) {final['usps_to_mnist_fid']:.2f} after "
-          f"{args.epochs} epochs, {train_seconds:.0f}s of training on {device}")  # fmt: skip
+    print(
+        f"{run_name}: label kept MNIST->USPS {final['mnist_to_usps_label_kept']:.1%}, USPS->MNIST "
+        f"{final['usps_to_mnist_label_kept']:.1%}, FID of F(USPS test) {final['usps_to_mnist_fid']:.2f} after "
+        f"{args.epochs} epochs, {train_seconds:.0f}s of training on {device}"
+    )

@@ -267,7 +267,10 @@ def generate(generator: nn.Module, noise: torch.Tensor, labels: torch.Tensor, ba
     was_training = generator.training
     generator.eval()
     samples = torch.cat(
-        [generator(noise[i : i + batch_size], labels[i : i + batch_size]).float() for i in range(0, len(noise), batch_size)]
+        [
+            generator(noise[i : i + batch_size], labels[i : i + batch_size]).float()
+            for i in range(0, len(noise), batch_size)
+        ]
     )
     generator.train(was_training)
     return samples
@@ -326,7 +329,9 @@ if __name__ == "__main__":
     discriminator.apply(dcgan_init)
     fused = device.type in ("cuda", "cpu")  # one kernel per step instead of one per parameter tensor
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
-    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused)
+    optimizer_d = torch.optim.Adam(
+        discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused
+    )
     # Experience replay: a ring buffer of recent fakes (and their labels) on the device.
     replay_images = torch.zeros(args.replay_size, 1, 28, 28, device=device)
     replay_labels = torch.zeros(args.replay_size, dtype=torch.long, device=device)
@@ -348,7 +353,11 @@ if __name__ == "__main__":
                 group["lr"] = lr  # the command line wins: a resumed run may change its learning rates
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
         replay_filled, replay_next = checkpoint["replay"]["filled"], checkpoint["replay"]["next"]
-        train_seconds, best_metric, history = checkpoint["train_seconds"], checkpoint["best_metric"], checkpoint["history"]
+        train_seconds, best_metric, history = (
+            checkpoint["train_seconds"],
+            checkpoint["best_metric"],
+            checkpoint["history"],
+        )
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
@@ -366,18 +375,31 @@ if __name__ == "__main__":
     def save_checkpoint(path: str, epoch: int):
         eval_fid.atomic_save(
             {
-                "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                "optimizer_g": optimizer_g.state_dict(), "optimizer_d": optimizer_d.state_dict(),
-                "epoch": epoch, "global_step": global_step, "train_seconds": train_seconds,
-                "best_metric": best_metric, "history": history, "run_name": run_name, "args": asdict(args),
-                "replay": {"images": replay_images, "labels": replay_labels, "filled": replay_filled, "next": replay_next},
+                "generator": generator.state_dict(),
+                "discriminator": discriminator.state_dict(),
+                "optimizer_g": optimizer_g.state_dict(),
+                "optimizer_d": optimizer_d.state_dict(),
+                "epoch": epoch,
+                "global_step": global_step,
+                "train_seconds": train_seconds,
+                "best_metric": best_metric,
+                "history": history,
+                "run_name": run_name,
+                "args": asdict(args),
+                "replay": {
+                    "images": replay_images,
+                    "labels": replay_labels,
+                    "filled": replay_filled,
+                    "next": replay_next,
+                },
                 "rng": {
-                    "torch": torch.get_rng_state(), "batch_order": batch_order.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "batch_order": batch_order.get_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                 },
             },
             path,
-        )  # fmt: skip
+        )
 
     def d_targets(n: int):
         """Real and fake targets for one discriminator step: smoothed values, a --label-flip share swapped."""
@@ -429,8 +451,9 @@ if __name__ == "__main__":
                         replay_loss = discriminator_loss(
                             discriminator(real, labels).float(),
                             discriminator(replay_images[picked], replay_labels[picked]).float(),
-                            replay_real_targets, replay_fake_targets,
-                        )  # fmt: skip
+                            replay_real_targets,
+                            replay_fake_targets,
+                        )
                     optimizer_d.zero_grad(set_to_none=True)
                     replay_loss.backward()
                     optimizer_d.step()
@@ -447,8 +470,10 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/D(G(z))", d_fake, global_step)
                 steps_per_second = (step_in_epoch + 1) / (time.time() - epoch_start)
                 writer.add_scalar("charts/steps_per_second", steps_per_second, global_step)
-                print(f"epoch {epoch} step {global_step}: d_loss {d_value:.3f} g_loss {g_value:.3f} "
-                      f"D(x) {d_real:.3f} D(G(z)) {d_fake:.3f} | {steps_per_second:.1f} steps/s")  # fmt: skip
+                print(
+                    f"epoch {epoch} step {global_step}: d_loss {d_value:.3f} g_loss {g_value:.3f} "
+                    f"D(x) {d_real:.3f} D(G(z)) {d_fake:.3f} | {steps_per_second:.1f} steps/s"
+                )
         train_seconds += time.time() - epoch_start
         writer.add_scalar("charts/epoch_seconds", time.time() - epoch_start, global_step)
 
@@ -463,11 +488,15 @@ if __name__ == "__main__":
                 if key in metrics:
                     writer.add_scalar(f"eval/{key}", metrics[key], global_step)
             asked = f", {metrics['label_accuracy']:.1%} as asked" if args.conditional else ""
-            print(f"epoch {epoch}: classifier FID {metrics['classifier_fid']:.2f}, "
-                  f"{metrics['digits_covered']}/10 digits{asked}, {train_seconds:.0f}s of training")  # fmt: skip
+            print(
+                f"epoch {epoch}: classifier FID {metrics['classifier_fid']:.2f}, "
+                f"{metrics['digits_covered']}/10 digits{asked}, {train_seconds:.0f}s of training"
+            )
 
         if epoch % args.checkpoint_every == 0 or epoch == args.epochs:
-            weights_finite = all(torch.isfinite(p).all() for p in [*generator.parameters(), *discriminator.parameters()])
+            weights_finite = all(
+                torch.isfinite(p).all() for p in [*generator.parameters(), *discriminator.parameters()]
+            )
             if not weights_finite:
                 eval_fid.fail_diverged(f"non-finite weights at epoch {epoch}", checkpoint_path, args.resume)
             improved = history and history[-1]["epoch"] == epoch and history[-1]["classifier_fid"] < best_metric
@@ -494,12 +523,23 @@ if __name__ == "__main__":
             writer.add_scalar(f"final/{key}", final[key], global_step)
         if best and key in best:
             writer.add_scalar(f"best/{key}", best[key], global_step)
-    hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    hparams = {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
     writer.add_hparams(hparams, {f"hparam/{k}": final[k] for k in ("fid", "kid", "precision", "recall")}, run_name=".")
     writer.close()
-    summary = {"run_name": run_name, "epochs": args.epochs, "step": global_step, "device": str(device),
-               "train_seconds": train_seconds, "final": final, "best": best,
-               "provenance": eval_fid.provenance(device), "history": history, "args": asdict(args)}  # fmt: skip
+    summary = {
+        "run_name": run_name,
+        "epochs": args.epochs,
+        "step": global_step,
+        "device": str(device),
+        "train_seconds": train_seconds,
+        "final": final,
+        "best": best,
+        "provenance": eval_fid.provenance(device),
+        "history": history,
+        "args": asdict(args),
+    }
     with open(f"{run_dir}/metrics.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(f"{run_dir}/metrics.json.tmp", f"{run_dir}/metrics.json")
@@ -507,7 +547,11 @@ if __name__ == "__main__":
         eval_fid.save_samples_png(samples, args.save_samples)
     print(eval_fid.format_table({k: v for k, v in final.items() if k != "class_histogram"}))
     if best:
-        print(f"best.pt, epoch {best['epoch']}: FID {best['fid']:.2f} KID {best['kid']:.4f} "
-              f"precision {best['precision']:.3f} recall {best['recall']:.3f}")  # fmt: skip
-    print(f"{run_name}: FID {final['fid']:.2f} KID {final['kid']:.4f} precision {final['precision']:.3f} "
-          f"recall {final['recall']:.3f} after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")
+        print(
+            f"best.pt, epoch {best['epoch']}: FID {best['fid']:.2f} KID {best['kid']:.4f} "
+            f"precision {best['precision']:.3f} recall {best['recall']:.3f}"
+        )
+    print(
+        f"{run_name}: FID {final['fid']:.2f} KID {final['kid']:.4f} precision {final['precision']:.3f} "
+        f"recall {final['recall']:.3f} after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}"
+    )

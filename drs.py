@@ -74,7 +74,6 @@ class Args:
     """write the DRS samples here: a folder gets lossless PNGs, a .pt or .npz file gets one uint8 tensor"""
 
 
-
 class Generator(nn.Module):
     """The imposed MLP of the training scripts: z -> 256 -> 512 -> 1024 -> 784, LeakyReLU(0.2), Tanh."""
 
@@ -117,7 +116,11 @@ def renumber_linear_layers(state_dict: dict, module: nn.Sequential, prefix: str 
     ours = [i for i, layer in enumerate(module) if isinstance(layer, nn.Linear)]
     if len(saved) != len(ours):
         raise ValueError(f"expected {len(ours)} linear layers, found {len(saved)}")
-    return {f"{new}.{name}": state_dict[f"{prefix}{old}.{name}"] for old, new in zip(saved, ours) for name in ("weight", "bias")}
+    return {
+        f"{new}.{name}": state_dict[f"{prefix}{old}.{name}"]
+        for old, new in zip(saved, ours)
+        for name in ("weight", "bias")
+    }
 
 
 def load_networks(path: str) -> tuple[Generator, Discriminator, dict]:
@@ -134,9 +137,15 @@ def load_networks(path: str) -> tuple[Generator, Discriminator, dict]:
         generator.load_state_dict(checkpoint["generator"])
         discriminator.net.load_state_dict(renumber_linear_layers(checkpoint[score_key], discriminator.net))
     except (RuntimeError, ValueError, KeyError) as e:
-        eval_fid.fail(f"{path} does not hold the imposed MLP GAN with a scalar {score_key}: {' '.join(str(e).split())[:200]}")
-    info = {"run_name": checkpoint.get("run_name", Path(path).parent.name), "epoch": checkpoint.get("epoch"),
-            "score": score_key, "latent_dim": generator.net[0].in_features}  # fmt: skip
+        eval_fid.fail(
+            f"{path} does not hold the imposed MLP GAN with a scalar {score_key}: {' '.join(str(e).split())[:200]}"
+        )
+    info = {
+        "run_name": checkpoint.get("run_name", Path(path).parent.name),
+        "epoch": checkpoint.get("epoch"),
+        "score": score_key,
+        "latent_dim": generator.net[0].in_features,
+    }
     return generator.eval(), discriminator.eval(), info
 
 
@@ -161,7 +170,9 @@ def platt_scaling(real_scores: torch.Tensor, fake_scores: torch.Tensor, iteratio
     return weights[0].item(), weights[1].item()
 
 
-def drs_score(logits: torch.Tensor, max_logit: torch.Tensor, epsilon: float, gamma: float | torch.Tensor = 0.0) -> torch.Tensor:
+def drs_score(
+    logits: torch.Tensor, max_logit: torch.Tensor, epsilon: float, gamma: float | torch.Tensor = 0.0
+) -> torch.Tensor:
     """F(x) = D~(x) - D*_max - log(1 - exp(D~(x) - D*_max - eps)) - gamma (paper, eq. 8); accept with sigmoid(F).
 
     log(1 - exp(u)) is computed as log(-expm1(u)): exact for the u -> 0- of the best samples.
@@ -170,7 +181,9 @@ def drs_score(logits: torch.Tensor, max_logit: torch.Tensor, epsilon: float, gam
     return delta - torch.log(-torch.expm1(delta - epsilon)) - gamma
 
 
-def acceptance_probability(logits: torch.Tensor, max_logit: torch.Tensor, epsilon: float, gamma: float | torch.Tensor) -> torch.Tensor:
+def acceptance_probability(
+    logits: torch.Tensor, max_logit: torch.Tensor, epsilon: float, gamma: float | torch.Tensor
+) -> torch.Tensor:
     return torch.sigmoid(drs_score(logits, max_logit, epsilon, gamma))
 
 
@@ -233,9 +246,13 @@ if __name__ == "__main__":
         scale, shift = platt_scaling(real_scores.cpu(), fake_scores.cpu())
         if scale <= 0:
             eval_fid.fail(f"D scores the fakes above the reals (Platt slope {scale:.3g}); rejection by D cannot help")
-        accuracy = ((real_scores * scale + shift > 0).float().mean() + (fake_scores * scale + shift < 0).float().mean()) / 2
-        print(f"calibration on {len(reals)} real + {len(reals)} fake images: logit = {scale:.4g} * D + {shift:.4g}, "
-              f"accuracy {accuracy.item():.3f} on them")  # fmt: skip
+        accuracy = (
+            (real_scores * scale + shift > 0).float().mean() + (fake_scores * scale + shift < 0).float().mean()
+        ) / 2
+        print(
+            f"calibration on {len(reals)} real + {len(reals)} fake images: logit = {scale:.4g} * D + {shift:.4g}, "
+            f"accuracy {accuracy.item():.3f} on them"
+        )
 
     def calibrated_logits(images: torch.Tensor) -> torch.Tensor:
         return discriminator(images).float() * scale + shift
@@ -247,8 +264,10 @@ if __name__ == "__main__":
     progress = tqdm(total=args.num_samples, desc="DRS", unit="sample", mininterval=5)
     while num_accepted < args.num_samples:
         if proposals >= args.max_proposals:
-            eval_fid.fail(f"only {num_accepted} of {args.num_samples} samples accepted after {proposals} proposals; "
-                          "lower --gamma-percentile or raise --max-proposals")  # fmt: skip
+            eval_fid.fail(
+                f"only {num_accepted} of {args.num_samples} samples accepted after {proposals} proposals; "
+                "lower --gamma-percentile or raise --max-proposals"
+            )
         with torch.no_grad():
             images = generator(latents(args.proposal_batch)).float()
             logits = calibrated_logits(images)
@@ -269,8 +288,10 @@ if __name__ == "__main__":
     drs_samples = torch.cat(accepted)[: args.num_samples]
     sampling_seconds = time.time() - start
     acceptance_rate = args.num_samples / needed
-    print(f"DRS: {needed} proposals for {args.num_samples} samples (acceptance rate {acceptance_rate:.3f}), "
-          f"D*_max {max_logit.item():.3f}, {sampling_seconds:.0f}s")  # fmt: skip
+    print(
+        f"DRS: {needed} proposals for {args.num_samples} samples (acceptance rate {acceptance_rate:.3f}), "
+        f"D*_max {max_logit.item():.3f}, {sampling_seconds:.0f}s"
+    )
 
     results = {}
     for name, samples in (("base", base_samples), ("drs", drs_samples)):
@@ -283,25 +304,45 @@ if __name__ == "__main__":
     writer.add_histogram("logits/all_proposals", torch.cat(logit_log))
     writer.add_scalar("drs/acceptance_rate", acceptance_rate)
     writer.add_scalar("drs/proposals", needed)
-    headline = [k for k in ("fid", "kid", "precision", "recall", "classifier_fid", "digits_covered") if k in results["drs"]]
+    headline = [
+        k for k in ("fid", "kid", "precision", "recall", "classifier_fid", "digits_covered") if k in results["drs"]
+    ]
     for key in headline:
         writer.add_scalar(f"base/{key}", results["base"][key])
         writer.add_scalar(f"drs/{key}", results["drs"][key])
-    hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    hparams = {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
     writer.add_hparams(hparams, {f"hparam/{k}": results["drs"][k] for k in headline}, run_name=".")
     writer.close()
 
-    summary = {"run_name": run_name, "checkpoint": args.checkpoint, "source": source, "device": str(device),
-               "provenance": eval_fid.provenance(device),
-               "proposals": needed, "acceptance_rate": acceptance_rate, "max_logit": max_logit.item(),
-               "calibration": {"scale": scale, "shift": shift}, "sampling_seconds": sampling_seconds,
-               "base": results["base"], "drs": results["drs"], "args": asdict(args)}  # fmt: skip
+    summary = {
+        "run_name": run_name,
+        "checkpoint": args.checkpoint,
+        "source": source,
+        "device": str(device),
+        "provenance": eval_fid.provenance(device),
+        "proposals": needed,
+        "acceptance_rate": acceptance_rate,
+        "max_logit": max_logit.item(),
+        "calibration": {"scale": scale, "shift": shift},
+        "sampling_seconds": sampling_seconds,
+        "base": results["base"],
+        "drs": results["drs"],
+        "args": asdict(args),
+    }
     with open(f"{run_dir}/metrics.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(f"{run_dir}/metrics.json.tmp", f"{run_dir}/metrics.json")
     if args.save_samples:
         eval_fid.save_samples(drs_samples, args.save_samples)
-    print(eval_fid.format_comparison({name: {k: v for k, v in m.items() if k != "class_histogram"} for name, m in results.items()}))
+    print(
+        eval_fid.format_comparison(
+            {name: {k: v for k, v in m.items() if k != "class_histogram"} for name, m in results.items()}
+        )
+    )
     key = headline[0]
-    print(f"{run_name}: {key} {results['base'][key]:.2f} -> {results['drs'][key]:.2f} with DRS, "
-          f"acceptance rate {acceptance_rate:.3f} ({needed} proposals for {args.num_samples} samples) on {device}")  # fmt: skip
+    print(
+        f"{run_name}: {key} {results['base'][key]:.2f} -> {results['drs'][key]:.2f} with DRS, "
+        f"acceptance rate {acceptance_rate:.3f} ({needed} proposals for {args.num_samples} samples) on {device}"
+    )

@@ -200,9 +200,11 @@ def load_checkpoint(path: str, required_keys: set, program: str = "CleanGAN") ->
         found = re.search(r"GLOBAL (\S+)", str(e), flags=re.IGNORECASE)
         if found is None:
             fail(unreadable)
-        fail(f"{path} holds Python objects ({found.group(1)}) besides tensors and plain types, and CleanGAN never "
-             f"unpickles those (it can run code); if you wrote this file yourself with older CleanGAN code, "
-             f"convert it once: {CONVERT_COMMAND.format(path=path)}")  # fmt: skip
+        fail(
+            f"{path} holds Python objects ({found.group(1)}) besides tensors and plain types, and CleanGAN never "
+            f"unpickles those (it can run code); if you wrote this file yourself with older CleanGAN code, "
+            f"convert it once: {CONVERT_COMMAND.format(path=path)}"
+        )
     except Exception:
         fail(unreadable)
     if not isinstance(checkpoint, dict) or not set(required_keys) <= checkpoint.keys():
@@ -243,7 +245,9 @@ def convert_trusted_checkpoint(source: str, destination: str) -> None:
     except pickle.UnpicklingError as e:
         os.unlink(destination)
         found = re.search(r"GLOBAL (\S+)", str(e), flags=re.IGNORECASE)
-        raise EvalError(f"{source} holds {found.group(1) if found else 'objects'} that have no plain-type form") from None
+        raise EvalError(
+            f"{source} holds {found.group(1) if found else 'objects'} that have no plain-type form"
+        ) from None
 
 
 def claim_run_dir(run_name: str, resumed: bool) -> tuple[str, str]:
@@ -340,11 +344,16 @@ def kernel_inception_distance(
     if size < 2:
         raise EvalError(f"KID needs at least 2 images per set, got {len(real)} and {len(fake)}")
     draws = torch.Generator().manual_seed(seed)
-    values = torch.tensor([
-        polynomial_mmd2(fake[torch.randperm(len(fake), generator=draws)[:size]],
-                        real[torch.randperm(len(real), generator=draws)[:size]])
-        for _ in range(num_subsets)
-    ], dtype=torch.float64)  # fmt: skip
+    values = torch.tensor(
+        [
+            polynomial_mmd2(
+                fake[torch.randperm(len(fake), generator=draws)[:size]],
+                real[torch.randperm(len(real), generator=draws)[:size]],
+            )
+            for _ in range(num_subsets)
+        ],
+        dtype=torch.float64,
+    )
     return values.mean().item(), values.std(unbiased=False).item()
 
 
@@ -375,7 +384,9 @@ def manifold_coverage(manifold: torch.Tensor, radii: torch.Tensor, queries: torc
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision (fakes on the real manifold) and recall (reals on the fake manifold)."""
     if min(len(real), len(fake)) <= k:
-        raise EvalError(f"precision/recall with k={k} needs more than {k} images per set, got {len(real)} and {len(fake)}")
+        raise EvalError(
+            f"precision/recall with k={k} needs more than {k} images per set, got {len(real)} and {len(fake)}"
+        )
     precision = manifold_coverage(real, knn_radii(real, k), fake)
     recall = manifold_coverage(fake, knn_radii(fake, k), real)
     return precision, recall
@@ -452,7 +463,9 @@ class DigitClassifier(nn.Module):
 
 
 @torch.inference_mode()
-def classifier_accuracy(classifier: nn.Module, images01: torch.Tensor, labels: torch.Tensor, batch: int = 2000) -> float:
+def classifier_accuracy(
+    classifier: nn.Module, images01: torch.Tensor, labels: torch.Tensor, batch: int = 2000
+) -> float:
     correct = sum(
         (classifier(images01[i : i + batch]).argmax(1) == labels[i : i + batch]).sum().item()
         for i in range(0, len(images01), batch)
@@ -520,7 +533,9 @@ def load_or_train_classifier(dataset: str, data_dir: str, cache_dir, device: tor
                 classifier = DigitClassifier() if dataset == "MNIST" else UspsClassifier()
                 classifier.load_state_dict(saved["state_dict"])
             except Exception as e:
-                raise EvalError(f"cached classifier {path} is corrupt ({type(e).__name__}); delete it to retrain") from None
+                raise EvalError(
+                    f"cached classifier {path} is corrupt ({type(e).__name__}); delete it to retrain"
+                ) from None
         else:
             classifier, accuracy = train_digit_classifier(data_dir, device, epochs=epochs, dataset=dataset)
             if accuracy < CLASSIFIER_MIN_ACCURACY[dataset]:
@@ -639,12 +654,19 @@ class Evaluator:
         """FID, KID (mean, std), precision and recall (Inception pool3, k-NN with k=3), plus fast() when 28x28."""
         images01 = to_unit_range(samples)
         start = time.time()
-        reference = self._reference_features("inception", lambda ref: self.inception_features(ref, "reference features"))
+        reference = self._reference_features(
+            "inception", lambda ref: self.inception_features(ref, "reference features")
+        )
         features = self.inception_features(images01, "sample features")
         precision, recall = precision_recall(reference, features, k)
         kid, kid_std = kernel_inception_distance(reference, features)
-        metrics = {"fid": frechet_distance(features, reference), "kid": kid, "kid_std": kid_std,
-                   "precision": precision, "recall": recall}  # fmt: skip
+        metrics = {
+            "fid": frechet_distance(features, reference),
+            "kid": kid,
+            "kid_std": kid_std,
+            "precision": precision,
+            "recall": recall,
+        }
         if images01.shape[-2:] == (28, 28):
             metrics.update(self.fast(samples, labels))
         metrics.update(num_samples=len(images01), num_reference=len(self.reference), eval_seconds=time.time() - start)
@@ -706,7 +728,13 @@ def main(args: EvalArgs) -> dict:
     samples = load_mnist(args.data_dir, train=True)[0][:FLOOR_SIZE] if floor else load_samples(args.samples)
     reference = None if args.reference == "mnist-test" else load_samples(args.reference)
     evaluator = Evaluator(
-        args.data_dir, args.inception_weights, args.cache_dir, args.device, reference, args.reference_size, args.batch_size
+        args.data_dir,
+        args.inception_weights,
+        args.cache_dir,
+        args.device,
+        reference,
+        args.reference_size,
+        args.batch_size,
     )
     metrics = evaluator.fast(samples) if args.fast_only else evaluator.full(samples)
     print(format_table(metrics))
@@ -733,8 +761,10 @@ class ConvertArgs:
 
 def convert_main(args: ConvertArgs) -> None:
     if not args.i_trust_this_file:
-        raise EvalError("convert-checkpoint fully unpickles OLD, which runs any code in it; "
-                        "add --i-trust-this-file only if you made OLD yourself")  # fmt: skip
+        raise EvalError(
+            "convert-checkpoint fully unpickles OLD, which runs any code in it; "
+            "add --i-trust-this-file only if you made OLD yourself"
+        )
     convert_trusted_checkpoint(args.source, args.destination)
     print(f"wrote {args.destination}: tensors and plain types only, so every CleanGAN script can read it")
 

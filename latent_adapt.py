@@ -94,8 +94,11 @@ def load_generator(path: str) -> tuple[Generator, dict]:
         generator.load_state_dict(checkpoint["generator"])
     except RuntimeError as e:
         eval_fid.fail(f"{path} does not hold the imposed MLP generator: {' '.join(str(e).split())[:200]}")
-    info = {"run_name": checkpoint.get("run_name", Path(path).parent.name), "epoch": checkpoint.get("epoch"),
-            "latent_dim": generator.net[0].in_features}  # fmt: skip
+    info = {
+        "run_name": checkpoint.get("run_name", Path(path).parent.name),
+        "epoch": checkpoint.get("epoch"),
+        "latent_dim": generator.net[0].in_features,
+    }
     return generator.eval(), info
 
 
@@ -172,7 +175,9 @@ def sample_balanced(
     return torch.cat(samples), labels, draws
 
 
-def histograms_image(similarity: torch.Tensor, predicted: torch.Tensor, thresholds: torch.Tensor, bins: int = 60) -> torch.Tensor:
+def histograms_image(
+    similarity: torch.Tensor, predicted: torch.Tensor, thresholds: torch.Tensor, bins: int = 60
+) -> torch.Tensor:
     """Per-digit histograms of the similarity (digits 0-4 top row, 5-9 bottom), threshold in red, as a (3, H, W) image.
 
     Drawn with tensor ops: the project needs no plotting library. All panels share the x range.
@@ -263,8 +268,10 @@ if __name__ == "__main__":
         eval_fid.fail(f"{e}; the generator rarely makes these digits (try a lower --quantile or more --num-latents)")
     adapt_seconds = time.time() - start
     kept_per_digit = torch.bincount(predicted[keep], minlength=NUM_CLASSES).tolist()
-    print(f"kept {int(keep.sum())} of {args.num_latents} latents (per digit {kept_per_digit}); "
-          f"draws per digit for {args.per_class} samples: {draws}; {adapt_seconds:.0f}s")  # fmt: skip
+    print(
+        f"kept {int(keep.sum())} of {args.num_latents} latents (per digit {kept_per_digit}); "
+        f"draws per digit for {args.per_class} samples: {draws}; {adapt_seconds:.0f}s"
+    )
 
     histograms = histograms_image(similarity.cpu(), predicted.cpu(), thresholds)
     torchvision.utils.save_image(histograms, f"{run_dir}/similarity_histograms.png")
@@ -276,30 +283,52 @@ if __name__ == "__main__":
     for name, samples in (("base", base_samples), ("adapted", adapted_samples)):
         results[name] = evaluator.fast(samples) if args.fast_only else evaluator.full(samples)
         # Adapted (grouped by digit): column j shows ten samples of digit j. Base: its first 100 samples.
-        shown = samples.view(NUM_CLASSES, args.per_class, 1, 28, 28)[:, :10].transpose(0, 1).flatten(0, 1) if (
-            name == "adapted" and args.per_class >= 10) else samples[:100]  # fmt: skip
+        shown = (
+            samples.view(NUM_CLASSES, args.per_class, 1, 28, 28)[:, :10].transpose(0, 1).flatten(0, 1)
+            if (name == "adapted" and args.per_class >= 10)
+            else samples[:100]
+        )
         grid = torchvision.utils.make_grid(shown, nrow=10, normalize=True, value_range=(-1, 1))
         writer.add_image(f"samples/{name}", grid)
         torchvision.utils.save_image(grid, f"{run_dir}/samples_{name}.png")
-    headline = [k for k in ("fid", "kid", "precision", "recall", "classifier_fid", "digits_covered") if k in results["adapted"]]
+    headline = [
+        k for k in ("fid", "kid", "precision", "recall", "classifier_fid", "digits_covered") if k in results["adapted"]
+    ]
     for key in headline:
         writer.add_scalar(f"base/{key}", results["base"][key])
         writer.add_scalar(f"adapted/{key}", results["adapted"][key])
-    hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    hparams = {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
     writer.add_hparams(hparams, {f"hparam/{k}": results["adapted"][k] for k in headline}, run_name=".")
     writer.close()
 
-    summary = {"run_name": run_name, "checkpoint": args.checkpoint, "source": source, "device": str(device),
-               "provenance": eval_fid.provenance(device),
-               "kept_per_digit": kept_per_digit, "thresholds": thresholds.tolist(), "draws_per_digit": draws,
-               "adapt_seconds": adapt_seconds, "base": results["base"], "adapted": results["adapted"],
-               "args": asdict(args)}  # fmt: skip
+    summary = {
+        "run_name": run_name,
+        "checkpoint": args.checkpoint,
+        "source": source,
+        "device": str(device),
+        "provenance": eval_fid.provenance(device),
+        "kept_per_digit": kept_per_digit,
+        "thresholds": thresholds.tolist(),
+        "draws_per_digit": draws,
+        "adapt_seconds": adapt_seconds,
+        "base": results["base"],
+        "adapted": results["adapted"],
+        "args": asdict(args),
+    }
     with open(f"{run_dir}/metrics.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(f"{run_dir}/metrics.json.tmp", f"{run_dir}/metrics.json")
     if args.save_samples:
         eval_fid.save_samples(adapted_samples, args.save_samples)
-    print(eval_fid.format_comparison({name: {k: v for k, v in m.items() if k != "class_histogram"} for name, m in results.items()}))
+    print(
+        eval_fid.format_comparison(
+            {name: {k: v for k, v in m.items() if k != "class_histogram"} for name, m in results.items()}
+        )
+    )
     key = headline[0]
-    print(f"{run_name}: {key} {results['base'][key]:.2f} -> {results['adapted'][key]:.2f} with latent adaptation "
-          f"(quantile {args.quantile}, {num_samples} samples) on {device}")  # fmt: skip
+    print(
+        f"{run_name}: {key} {results['base'][key]:.2f} -> {results['adapted'][key]:.2f} with latent adaptation "
+        f"(quantile {args.quantile}, {num_samples} samples) on {device}"
+    )

@@ -243,7 +243,11 @@ if __name__ == "__main__":
             for group in optimizer.param_groups:
                 group["lr"] = args.lr  # the command line wins: a resumed run may change its learning rate
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
-        train_seconds, best_metric, history = checkpoint["train_seconds"], checkpoint["best_metric"], checkpoint["history"]
+        train_seconds, best_metric, history = (
+            checkpoint["train_seconds"],
+            checkpoint["best_metric"],
+            checkpoint["history"],
+        )
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
@@ -261,17 +265,25 @@ if __name__ == "__main__":
     def save_checkpoint(path: str, epoch: int):
         eval_fid.atomic_save(
             {
-                "generator": generator.state_dict(), "critic": critic.state_dict(),
-                "optimizer_g": optimizer_g.state_dict(), "optimizer_c": optimizer_c.state_dict(),
-                "epoch": epoch, "global_step": global_step, "train_seconds": train_seconds,
-                "best_metric": best_metric, "history": history, "run_name": run_name, "args": asdict(args),
+                "generator": generator.state_dict(),
+                "critic": critic.state_dict(),
+                "optimizer_g": optimizer_g.state_dict(),
+                "optimizer_c": optimizer_c.state_dict(),
+                "epoch": epoch,
+                "global_step": global_step,
+                "train_seconds": train_seconds,
+                "best_metric": best_metric,
+                "history": history,
+                "run_name": run_name,
+                "args": asdict(args),
                 "rng": {
-                    "torch": torch.get_rng_state(), "batch_order": batch_order.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "batch_order": batch_order.get_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                 },
             },
             path,
-        )  # fmt: skip
+        )
 
     checkpoint_path, best_path = f"{run_dir}/checkpoint.pt", f"{run_dir}/best.pt"
     for epoch in range(start_epoch + 1, args.epochs + 1):
@@ -304,8 +316,10 @@ if __name__ == "__main__":
                 writer.add_scalar("losses/energy_distance", distance_value, global_step)
                 steps_per_second = (step_in_epoch + 1) / (time.time() - epoch_start)
                 writer.add_scalar("charts/steps_per_second", steps_per_second, global_step)
-                print(f"epoch {epoch} step {global_step}: energy distance {distance_value:.4f} "
-                      f"| {steps_per_second:.2f} steps/s")  # fmt: skip
+                print(
+                    f"epoch {epoch} step {global_step}: energy distance {distance_value:.4f} "
+                    f"| {steps_per_second:.2f} steps/s"
+                )
         train_seconds += time.time() - epoch_start
         writer.add_scalar("charts/epoch_seconds", time.time() - epoch_start, global_step)
 
@@ -318,8 +332,10 @@ if __name__ == "__main__":
             torchvision.utils.save_image(grid, f"{run_dir}/samples_epoch{epoch:03d}.png")
             for key in ("classifier_fid", "digits_covered", "kl_to_uniform"):
                 writer.add_scalar(f"eval/{key}", metrics[key], global_step)
-            print(f"epoch {epoch}: classifier FID {metrics['classifier_fid']:.2f}, "
-                  f"{metrics['digits_covered']}/10 digits, {train_seconds:.0f}s of training")  # fmt: skip
+            print(
+                f"epoch {epoch}: classifier FID {metrics['classifier_fid']:.2f}, "
+                f"{metrics['digits_covered']}/10 digits, {train_seconds:.0f}s of training"
+            )
 
         if epoch % args.checkpoint_every == 0 or epoch == args.epochs:
             if not all(torch.isfinite(p).all() for p in [*generator.parameters(), *critic.parameters()]):
@@ -347,12 +363,23 @@ if __name__ == "__main__":
         writer.add_scalar(f"final/{key}", final[key], global_step)
         if best:
             writer.add_scalar(f"best/{key}", best[key], global_step)
-    hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    hparams = {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
     writer.add_hparams(hparams, {f"hparam/{k}": final[k] for k in ("fid", "kid", "precision", "recall")}, run_name=".")
     writer.close()
-    summary = {"run_name": run_name, "epochs": args.epochs, "step": global_step, "device": str(device),
-               "train_seconds": train_seconds, "final": final, "best": best,
-               "provenance": eval_fid.provenance(device), "history": history, "args": asdict(args)}  # fmt: skip
+    summary = {
+        "run_name": run_name,
+        "epochs": args.epochs,
+        "step": global_step,
+        "device": str(device),
+        "train_seconds": train_seconds,
+        "final": final,
+        "best": best,
+        "provenance": eval_fid.provenance(device),
+        "history": history,
+        "args": asdict(args),
+    }
     with open(f"{run_dir}/metrics.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(f"{run_dir}/metrics.json.tmp", f"{run_dir}/metrics.json")
@@ -360,7 +387,11 @@ if __name__ == "__main__":
         eval_fid.save_samples_png(samples, args.save_samples)
     print(eval_fid.format_table({k: v for k, v in final.items() if k != "class_histogram"}))
     if best:
-        print(f"best.pt, epoch {best['epoch']}: FID {best['fid']:.2f} KID {best['kid']:.4f} "
-              f"precision {best['precision']:.3f} recall {best['recall']:.3f}")  # fmt: skip
-    print(f"{run_name}: FID {final['fid']:.2f} KID {final['kid']:.4f} precision {final['precision']:.3f} "
-          f"recall {final['recall']:.3f} after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")
+        print(
+            f"best.pt, epoch {best['epoch']}: FID {best['fid']:.2f} KID {best['kid']:.4f} "
+            f"precision {best['precision']:.3f} recall {best['recall']:.3f}"
+        )
+    print(
+        f"{run_name}: FID {final['fid']:.2f} KID {final['kid']:.4f} precision {final['precision']:.3f} "
+        f"recall {final['recall']:.3f} after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}"
+    )

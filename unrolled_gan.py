@@ -196,7 +196,9 @@ class ToyGenerator(nn.Module):
 
     def __init__(self, latent_dim: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent_dim, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2))
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2)
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -229,7 +231,11 @@ def minimax_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def unrolled_parameters(
-    discriminator: nn.Module, optimizer: torch.optim.Adam, real: torch.Tensor, fake: torch.Tensor, steps: int,
+    discriminator: nn.Module,
+    optimizer: torch.optim.Adam,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    steps: int,
     lr: Optional[float] = None,
 ) -> dict[str, torch.Tensor]:
     """theta_D^K: K Adam updates of D's loss on (real, fake), started from D's weights and optimizer moments.
@@ -285,7 +291,9 @@ if __name__ == "__main__":
     if args.unroll_steps < 0:
         eval_fid.fail(f"--unroll-steps must be 0 or more, got {args.unroll_steps}")
     if args.batch_size < 1 or args.toy_steps_per_epoch < 1:
-        eval_fid.fail(f"--batch-size and --toy-steps-per-epoch must be >= 1, got {args.batch_size}, {args.toy_steps_per_epoch}")
+        eval_fid.fail(
+            f"--batch-size and --toy-steps-per-epoch must be >= 1, got {args.batch_size}, {args.toy_steps_per_epoch}"
+        )
     if args.lr_halve_every < 0:
         eval_fid.fail(f"--lr-halve-every must be >= 0 steps (0: constant), got {args.lr_halve_every}")
     if args.standardize and not toy:
@@ -295,9 +303,13 @@ if __name__ == "__main__":
         eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
     trained_standardized = checkpoint["args"].get("standardize", False) if checkpoint else args.standardize
     if trained_standardized != args.standardize:  # the nets learnt the data at one scale: the other would be nonsense
-        eval_fid.fail(f"{args.resume} was trained {'with' if trained_standardized else 'without'} --standardize; "
-                      "resume it the same way")  # fmt: skip
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.dataset}__{args.seed}__{int(time.time())}"
+        eval_fid.fail(
+            f"{args.resume} was trained {'with' if trained_standardized else 'without'} --standardize; "
+            "resume it the same way"
+        )
+    run_name = (
+        checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.dataset}__{args.seed}__{int(time.time())}"
+    )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -338,7 +350,9 @@ if __name__ == "__main__":
     g_loss_fn = minimax_generator_loss if args.generator_loss == "minimax" else generator_loss
     fused = device.type in ("cuda", "cpu")  # one kernel per step instead of one per parameter tensor
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
-    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused)
+    optimizer_d = torch.optim.Adam(
+        discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused
+    )
 
     def set_learning_rates(step: int):
         """Both optimisers' rates after `step` steps: the command line's, halved every --lr-halve-every steps."""
@@ -357,7 +371,11 @@ if __name__ == "__main__":
             eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
         set_learning_rates(global_step)  # the command line wins: a resumed run may change its rates
-        train_seconds, best_metric, history = checkpoint["train_seconds"], checkpoint["best_metric"], checkpoint["history"]
+        train_seconds, best_metric, history = (
+            checkpoint["train_seconds"],
+            checkpoint["best_metric"],
+            checkpoint["history"],
+        )
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
@@ -375,17 +393,25 @@ if __name__ == "__main__":
     def save_checkpoint(path: str, epoch: int):
         eval_fid.atomic_save(
             {
-                "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                "optimizer_g": optimizer_g.state_dict(), "optimizer_d": optimizer_d.state_dict(),
-                "epoch": epoch, "global_step": global_step, "train_seconds": train_seconds,
-                "best_metric": best_metric, "history": history, "run_name": run_name, "args": asdict(args),
+                "generator": generator.state_dict(),
+                "discriminator": discriminator.state_dict(),
+                "optimizer_g": optimizer_g.state_dict(),
+                "optimizer_d": optimizer_d.state_dict(),
+                "epoch": epoch,
+                "global_step": global_step,
+                "train_seconds": train_seconds,
+                "best_metric": best_metric,
+                "history": history,
+                "run_name": run_name,
+                "args": asdict(args),
                 "rng": {
-                    "torch": torch.get_rng_state(), "batch_order": batch_order.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "batch_order": batch_order.get_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                 },
             },
             path,
-        )  # fmt: skip
+        )
 
     def evaluate(samples: torch.Tensor) -> dict:
         """2-D: modes covered and high-quality share; MNIST: classifier FID and digit coverage."""
@@ -408,7 +434,9 @@ if __name__ == "__main__":
             # Discriminator step: the ordinary one, real and fake in one forward pass.
             with autocast:
                 fake = generator(z)
-                real_logits, fake_logits = discriminator(torch.cat([real, fake.detach()])).float().split(args.batch_size)
+                real_logits, fake_logits = (
+                    discriminator(torch.cat([real, fake.detach()])).float().split(args.batch_size)
+                )
                 d_loss = discriminator_loss(real_logits, fake_logits)
             optimizer_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -418,7 +446,9 @@ if __name__ == "__main__":
             discriminator.requires_grad_(False)
             with autocast:
                 if args.unroll_steps > 0:
-                    unrolled = unrolled_parameters(discriminator, optimizer_d, real, fake, args.unroll_steps, args.unroll_lr)
+                    unrolled = unrolled_parameters(
+                        discriminator, optimizer_d, real, fake, args.unroll_steps, args.unroll_lr
+                    )
                     g_loss = g_loss_fn(functional_call(discriminator, unrolled, (fake,)).float())
                 else:
                     g_loss = g_loss_fn(discriminator(fake).float())
@@ -442,8 +472,10 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/D(G(z))", d_fake, global_step)
                 steps_per_second = (step_in_epoch + 1) / (time.time() - epoch_start)
                 writer.add_scalar("charts/steps_per_second", steps_per_second, global_step)
-                print(f"epoch {epoch} step {global_step}: d_loss {d_value:.3f} g_loss {g_value:.3f} "
-                      f"D(x) {d_real:.3f} D(G(z)) {d_fake:.3f} | {steps_per_second:.0f} steps/s")  # fmt: skip
+                print(
+                    f"epoch {epoch} step {global_step}: d_loss {d_value:.3f} g_loss {g_value:.3f} "
+                    f"D(x) {d_real:.3f} D(G(z)) {d_fake:.3f} | {steps_per_second:.0f} steps/s"
+                )
         train_seconds += time.time() - epoch_start
         writer.add_scalar("charts/epoch_seconds", time.time() - epoch_start, global_step)
 
@@ -455,20 +487,26 @@ if __name__ == "__main__":
                 image = scatter_image(real_points, samples[:2500], extent)
                 writer.add_scalar("eval/modes_covered", metrics["modes_covered"], global_step)
                 writer.add_scalar("eval/high_quality", metrics["high_quality"], global_step)
-                print(f"epoch {epoch}: {metrics['modes_covered']}/{metrics['num_modes']} modes, "
-                      f"{metrics['high_quality']:.1%} high-quality samples, {train_seconds:.0f}s of training")  # fmt: skip
+                print(
+                    f"epoch {epoch}: {metrics['modes_covered']}/{metrics['num_modes']} modes, "
+                    f"{metrics['high_quality']:.1%} high-quality samples, {train_seconds:.0f}s of training"
+                )
             else:
                 image = torchvision.utils.make_grid(samples[:64], nrow=8, normalize=True, value_range=(-1, 1))
                 writer.add_scalar("eval/classifier_fid", metrics["classifier_fid"], global_step)
                 writer.add_scalar("eval/digits_covered", metrics["digits_covered"], global_step)
                 writer.add_scalar("eval/kl_to_uniform", metrics["kl_to_uniform"], global_step)
-                print(f"epoch {epoch}: classifier FID {metrics['classifier_fid']:.2f}, "
-                      f"{metrics['digits_covered']}/10 digits, {train_seconds:.0f}s of training")  # fmt: skip
+                print(
+                    f"epoch {epoch}: classifier FID {metrics['classifier_fid']:.2f}, "
+                    f"{metrics['digits_covered']}/10 digits, {train_seconds:.0f}s of training"
+                )
             writer.add_image("samples", image, global_step)
             torchvision.utils.save_image(image, f"{run_dir}/samples_epoch{epoch:03d}.png")
 
         if epoch % args.checkpoint_every == 0 or epoch == args.epochs:
-            weights_finite = all(torch.isfinite(p).all() for p in [*generator.parameters(), *discriminator.parameters()])
+            weights_finite = all(
+                torch.isfinite(p).all() for p in [*generator.parameters(), *discriminator.parameters()]
+            )
             if not weights_finite:
                 eval_fid.fail_diverged(f"non-finite weights at epoch {epoch}", checkpoint_path, args.resume)
             latest = history[-1] if history and history[-1]["epoch"] == epoch else None
@@ -500,12 +538,23 @@ if __name__ == "__main__":
         writer.add_scalar(f"final/{key}", final[key], global_step)
         if best:
             writer.add_scalar(f"best/{key}", best[key], global_step)
-    hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    hparams = {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
     writer.add_hparams(hparams, {f"hparam/{k}": final[k] for k in headline}, run_name=".")
     writer.close()
-    summary = {"run_name": run_name, "epochs": args.epochs, "step": global_step, "device": str(device),
-               "train_seconds": train_seconds, "final": final, "best": best,
-               "provenance": eval_fid.provenance(device), "history": history, "args": asdict(args)}  # fmt: skip
+    summary = {
+        "run_name": run_name,
+        "epochs": args.epochs,
+        "step": global_step,
+        "device": str(device),
+        "train_seconds": train_seconds,
+        "final": final,
+        "best": best,
+        "provenance": eval_fid.provenance(device),
+        "history": history,
+        "args": asdict(args),
+    }
     with open(f"{run_dir}/metrics.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(f"{run_dir}/metrics.json.tmp", f"{run_dir}/metrics.json")
@@ -515,9 +564,13 @@ if __name__ == "__main__":
     elif args.save_samples:
         eval_fid.save_samples_png(samples, args.save_samples)
     if toy:
-        print(f"{run_name}: {final['modes_covered']}/{final['num_modes']} modes covered, {final['high_quality']:.1%} "
-              f"high-quality samples after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")  # fmt: skip
+        print(
+            f"{run_name}: {final['modes_covered']}/{final['num_modes']} modes covered, {final['high_quality']:.1%} "
+            f"high-quality samples after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}"
+        )
     else:
         print(eval_fid.format_table({k: v for k, v in final.items() if k != "class_histogram"}))
-        print(f"{run_name}: FID {final['fid']:.2f} KID {final['kid']:.4f} precision {final['precision']:.3f} "
-              f"recall {final['recall']:.3f} after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}")
+        print(
+            f"{run_name}: FID {final['fid']:.2f} KID {final['kid']:.4f} precision {final['precision']:.3f} "
+            f"recall {final['recall']:.3f} after {args.epochs} epochs, {train_seconds:.0f}s of training on {device}"
+        )

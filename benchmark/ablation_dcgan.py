@@ -39,14 +39,28 @@ def main():
     parser.add_argument("extra", nargs="*", help="arguments for every dcgan.py run (after --)")
     args = parser.parse_args()
 
-    rows = ["| trick | flags | FID | precision | recall | classifier FID | digits | as asked | train min |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| trick | flags | FID | precision | recall | classifier FID | digits | as asked | train min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, flags in CONFIGS.items():
         if args.only and name not in args.only:
             continue
         exp_name = "dcgan_ablation_" + ("_".join(f.strip("-") for f in flags) or "plain")
-        command = [sys.executable, str(REPO / "dcgan.py"), "--exp-name", exp_name, "--seed", str(args.seed),
-                   "--epochs", str(args.epochs), "--eval-samples", str(args.eval_samples), *flags, *args.extra]  # fmt: skip
+        command = [
+            sys.executable,
+            str(REPO / "dcgan.py"),
+            "--exp-name",
+            exp_name,
+            "--seed",
+            str(args.seed),
+            "--epochs",
+            str(args.epochs),
+            "--eval-samples",
+            str(args.eval_samples),
+            *flags,
+            *args.extra,
+        ]
         started = time.time()
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -57,9 +71,11 @@ def main():
         summary = json.loads(Path(f"runs/{run_name}/metrics.json").read_text())
         final = summary["final"]
         as_asked = f"{final['label_accuracy']:.1%}" if "label_accuracy" in final else "-"  # conditional runs only
-        rows.append(f"| {name} | `{' '.join(flags)}` | {final['fid']:.2f} | {final['precision']:.3f} | "
-                    f"{final['recall']:.3f} | {final['classifier_fid']:.2f} | {final['digits_covered']}/10 | "
-                    f"{as_asked} | {summary['train_seconds'] / 60:.1f} |")  # fmt: skip
+        rows.append(
+            f"| {name} | `{' '.join(flags)}` | {final['fid']:.2f} | {final['precision']:.3f} | "
+            f"{final['recall']:.3f} | {final['classifier_fid']:.2f} | {final['digits_covered']}/10 | "
+            f"{as_asked} | {summary['train_seconds'] / 60:.1f} |"
+        )
         print(f"{name}: FID {final['fid']:.2f} ({run_name}, {time.time() - started:.0f}s)", flush=True)
     print("\n".join(rows))
 

@@ -20,8 +20,14 @@ REPO = run_benchmark.REPO
 TABLE_START, TABLE_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 CURVES_START, CURVES_END = "<!-- results-curves:start -->", "<!-- results-curves:end -->"
 HEADLINE = ("fid", "kid", "precision", "recall")
-EXTRA = ("classifier_fid", "digits_covered", "label_accuracy", "mnist_to_usps_label_kept", "usps_to_mnist_label_kept",
-         "modes_covered")  # fmt: skip
+EXTRA = (
+    "classifier_fid",
+    "digits_covered",
+    "label_accuracy",
+    "mnist_to_usps_label_kept",
+    "usps_to_mnist_label_kept",
+    "modes_covered",
+)
 
 
 @dataclass
@@ -45,8 +51,15 @@ def scored_generators(metrics: dict) -> dict:
     else:  # eval_fid.py --json-out: one set of samples
         found = {"real": metrics}
     prefix = "usps_to_mnist_"
-    return {name: {key[len(prefix):] if key.startswith(prefix) and key[len(prefix):] in HEADLINE + ("num_samples",)
-                   else key: value for key, value in scores.items()} for name, scores in found.items()}  # fmt: skip
+    return {
+        name: {
+            key[len(prefix) :]
+            if key.startswith(prefix) and key[len(prefix) :] in HEADLINE + ("num_samples",)
+            else key: value
+            for key, value in scores.items()
+        }
+        for name, scores in found.items()
+    }
 
 
 def spread(values: list) -> dict:
@@ -67,7 +80,9 @@ def summary_rows(runs: dict) -> list:
             per_seed = [(seed, path, scored_generators(metrics)[generator], metrics) for seed, path, metrics in done]
             first_metrics = per_seed[0][3]
             row = {
-                "method": table_row.method, "variant": table_row.variant, "generator": generator,
+                "method": table_row.method,
+                "variant": table_row.variant,
+                "generator": generator,
                 "command": " ".join(["python", f"{table_row.method}.py", *table_row.flags]),
                 "seeds": [seed for seed, *_ in per_seed],
                 "epochs": first_metrics.get("epochs"),
@@ -75,9 +90,11 @@ def summary_rows(runs: dict) -> list:
                 "train_minutes": spread([m.get("train_seconds", 0.0) / 60 for *_, m in per_seed])["mean"],
                 "device": (first_metrics.get("provenance") or {}).get("device_name", first_metrics.get("device")),
                 "commit": (first_metrics.get("provenance") or {}).get("git_commit"),
-                "runs": [str(Path(path).relative_to(REPO)) if Path(path).is_relative_to(REPO) else path
-                         for _, path, *_ in per_seed],
-            }  # fmt: skip
+                "runs": [
+                    str(Path(path).relative_to(REPO)) if Path(path).is_relative_to(REPO) else path
+                    for _, path, *_ in per_seed
+                ],
+            }
             if generator == "best":
                 row["best_epochs"] = [scores.get("epoch") for _, _, scores, _ in per_seed]
             for key in (*HEADLINE, *EXTRA):
@@ -100,13 +117,17 @@ NO_ROWS = "No row has been run under the protocol yet: `python benchmark/run_ben
 def markdown_table(rows: list) -> str:
     if not rows:
         return NO_ROWS
-    lines = ["| method | variant | generator | FID | KID ×1000 | precision | recall | seeds | samples | budget | device |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| method | variant | generator | FID | KID ×1000 | precision | recall | seeds | samples | budget | device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         budget = f"{row['epochs']} epochs, {row['train_minutes']:.0f} min" if row["epochs"] else "-"
-        lines.append(f"| {row['method']} | {row['variant']} | {row['generator']} | {cell(row.get('fid'), 2)} | "
-                     f"{cell(row.get('kid'), 2, 1000)} | {cell(row.get('precision'), 3)} | {cell(row.get('recall'), 3)} | "
-                     f"{', '.join(map(str, row['seeds']))} | {row['num_samples']} | {budget} | {row['device']} |")  # fmt: skip
+        lines.append(
+            f"| {row['method']} | {row['variant']} | {row['generator']} | {cell(row.get('fid'), 2)} | "
+            f"{cell(row.get('kid'), 2, 1000)} | {cell(row.get('precision'), 3)} | {cell(row.get('recall'), 3)} | "
+            f"{', '.join(map(str, row['seeds']))} | {row['num_samples']} | {budget} | {row['device']} |"
+        )
     return "\n".join(lines)
 
 
@@ -140,7 +161,9 @@ def plot_curves(runs: dict, path: Path) -> None:
         for axis, x in ((by_epoch, epochs), (by_minute, minutes)):
             (line,) = axis.plot(x, mean, label=label)
             if len(histories) > 1:
-                axis.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+                axis.fill_between(
+                    x, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2
+                )
     for axis, xlabel in ((by_epoch, "epoch"), (by_minute, "training minutes")):
         axis.set_yscale("log")
         axis.set_xlabel(xlabel)
@@ -157,7 +180,9 @@ def collect(work_dir: str) -> dict:
     runs = {}
     for table_row in run_benchmark.ROWS:
         for seed in table_row.seeds:
-            path = run_benchmark.finished_metrics(run_benchmark.run_folder(work_dir, table_row.method, table_row.variant, seed))
+            path = run_benchmark.finished_metrics(
+                run_benchmark.run_folder(work_dir, table_row.method, table_row.variant, seed)
+            )
             if path:
                 runs[table_row, seed] = (path, json.loads(Path(path).read_text()))
     return runs

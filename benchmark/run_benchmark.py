@@ -89,7 +89,14 @@ def command(row: Row, seed: int, args: Args) -> Optional[list]:
     offline = ["--data-dir", args.data_dir, "--inception-weights", args.inception_weights]
     folder = run_folder(args.work_dir, row.method, row.variant, seed)
     if row.method == "mnist_train":  # the floor: 10,000 real training digits scored like a generator's samples
-        return [sys.executable, str(REPO / "eval_fid.py"), "mnist-train", *offline, "--json-out", str(folder / "metrics.json")]
+        return [
+            sys.executable,
+            str(REPO / "eval_fid.py"),
+            "mnist-train",
+            *offline,
+            "--json-out",
+            str(folder / "metrics.json"),
+        ]
     if row.base:
         base = run_folder(args.work_dir, *row.base, seed)
         if finished_metrics(base) is None:
@@ -97,8 +104,16 @@ def command(row: Row, seed: int, args: Args) -> Optional[list]:
         (checkpoint,) = glob(str(base / "runs" / "*" / "checkpoint.pt"))
         return [sys.executable, str(REPO / f"{row.method}.py"), checkpoint, "--seed", str(seed), *row.flags, *offline]
     resume = sorted(glob(str(folder / "runs" / "*" / "checkpoint.pt")))
-    return [sys.executable, str(REPO / f"{row.method}.py"), "--seed", str(seed), *row.flags, *args.extra, *offline,
-            *(["--resume", resume[0]] if resume else [])]  # fmt: skip
+    return [
+        sys.executable,
+        str(REPO / f"{row.method}.py"),
+        "--seed",
+        str(seed),
+        *row.flags,
+        *args.extra,
+        *offline,
+        *(["--resume", resume[0]] if resume else []),
+    ]
 
 
 def pending(args: Args) -> list:
@@ -139,13 +154,20 @@ def main(args: Args) -> int:
             pin = (lambda core=core: os.sched_setaffinity(0, {core})) if args.jobs > 1 else None
             log = open(folder / "log.txt", "a")
             print(f"{time.strftime('%H:%M:%S')} {label}: {' '.join(cmd)}", flush=True)
-            running[label] = (subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                               preexec_fn=pin), core, label, log)  # fmt: skip
+            running[label] = (
+                subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin),
+                core,
+                label,
+                log,
+            )
         if args.dry_run:
             break
         blocked = todo and not running and all(command(row, seed, args) is None for row, seed in todo)
         if blocked:
-            print("left to do, waiting on bases that did not finish: " + ", ".join(f"{r.method}/{r.variant}" for r, _ in todo))
+            print(
+                "left to do, waiting on bases that did not finish: "
+                + ", ".join(f"{r.method}/{r.variant}" for r, _ in todo)
+            )
             return 1
         time.sleep(args.poll_seconds if running else 0)
     if failed:

@@ -74,9 +74,24 @@ def time_compute_floor(steps: int, batch_size: int, bf16: bool, next_real) -> fl
 def time_script_epoch(args: BenchArgs, bf16: bool) -> float:
     """Seconds of training per epoch of vanilla_gan.py itself (its own clock, evaluation excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, str(REPO / "vanilla_gan.py"), "--data-dir", str(Path(args.data_dir).resolve()),
-                   "--epochs", str(args.epochs), "--eval-every", "1000", "--eval-samples", "64",
-                   "--reference-size", "64", "--log-every", "100000", "--batch-size", str(args.batch_size)]  # fmt: skip
+        command = [
+            sys.executable,
+            str(REPO / "vanilla_gan.py"),
+            "--data-dir",
+            str(Path(args.data_dir).resolve()),
+            "--epochs",
+            str(args.epochs),
+            "--eval-every",
+            "1000",
+            "--eval-samples",
+            "64",
+            "--reference-size",
+            "64",
+            "--log-every",
+            "100000",
+            "--batch-size",
+            str(args.batch_size),
+        ]
         if args.inception_weights:
             command += ["--inception-weights", str(Path(args.inception_weights).resolve())]
         if bf16:
@@ -115,7 +130,9 @@ if __name__ == "__main__":
         dataloader = time_compute_floor(args.floor_steps, args.batch_size, bf16, lambda: next(loader_iter)[0])
         script = time_script_epoch(args, bf16)
         rows.append((precision, "compute floor (same nets, fixed batch, no data/logging)", floor * steps_per_epoch))
-        rows.append((precision, "same loop fed by a torchvision DataLoader (PIL per sample)", dataloader * steps_per_epoch))
+        rows.append(
+            (precision, "same loop fed by a torchvision DataLoader (PIL per sample)", dataloader * steps_per_epoch)
+        )
         rows.append((precision, "vanilla_gan.py (measured by its own clock)", script))
 
     evaluator = eval_fid.Evaluator(args.data_dir, args.inception_weights, device="cpu")
@@ -130,7 +147,9 @@ if __name__ == "__main__":
     evaluator.inception_features(probe)
     inception_rate = len(probe) / (time.perf_counter() - start)
 
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"batch {args.batch_size}, {steps_per_epoch} steps per epoch\n")
     print("| precision | what | seconds per epoch |\n|---|---|---|")
     for precision, what, seconds in rows:

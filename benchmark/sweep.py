@@ -68,30 +68,49 @@ def latest_checkpoint(folder: Path):
 
 def history_of(checkpoint_path: str) -> dict:
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    return {"run_name": checkpoint["run_name"], "args": checkpoint["args"], "history": checkpoint["history"],
-            "train_seconds": checkpoint["train_seconds"]}  # fmt: skip
+    return {
+        "run_name": checkpoint["run_name"],
+        "args": checkpoint["args"],
+        "history": checkpoint["history"],
+        "train_seconds": checkpoint["train_seconds"],
+    }
 
 
 def summarise(runs: dict, epochs: int) -> str:
     """Markdown table: per variant, median [min, max] over seeds of the best and the last classifier FID."""
-    lines = [f"| variant | seeds | best classifier FID (epoch) | last classifier FID | mean of last 5 | digits at the end |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| variant | seeds | best classifier FID (epoch) | last classifier FID | mean of last 5 | digits at the end |",
+        "|---|---|---|---|---|---|",
+    ]
     for variant, by_seed in runs.items():
         done = {seed: run for seed, run in by_seed.items() if run["history"] and run["history"][-1]["epoch"] == epochs}
         if not done:
             continue
         best = {s: min(r["history"], key=lambda h: h["classifier_fid"]) for s, r in done.items()}
         last = {s: r["history"][-1] for s, r in done.items()}
-        tail = {s: sum(h["classifier_fid"] for h in r["history"][-5:]) / len(r["history"][-5:]) for s, r in done.items()}
+        tail = {
+            s: sum(h["classifier_fid"] for h in r["history"][-5:]) / len(r["history"][-5:]) for s, r in done.items()
+        }
 
         def cell(values):
             values = list(values)
-            return f"{median(values):.1f} [{min(values):.1f}, {max(values):.1f}]" if len(values) > 1 else f"{values[0]:.1f}"
+            return (
+                f"{median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
+                if len(values) > 1
+                else f"{values[0]:.1f}"
+            )
 
-        best_cell = cell(b["classifier_fid"] for b in best.values()) + " (" + ", ".join(str(b["epoch"]) for b in best.values()) + ")"
+        best_cell = (
+            cell(b["classifier_fid"] for b in best.values())
+            + " ("
+            + ", ".join(str(b["epoch"]) for b in best.values())
+            + ")"
+        )
         digits = ", ".join(str(last[s]["digits_covered"]) for s in done)
-        lines.append(f"| {variant} | {', '.join(map(str, done))} | {best_cell} | {cell(l['classifier_fid'] for l in last.values())} "
-                     f"| {cell(tail.values())} | {digits} |")  # fmt: skip
+        lines.append(
+            f"| {variant} | {', '.join(map(str, done))} | {best_cell} | {cell(h['classifier_fid'] for h in last.values())} "
+            f"| {cell(tail.values())} | {digits} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -121,15 +140,32 @@ def main(args: Args) -> int:
             if epoch >= epochs:
                 continue
             folder.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, str(REPO / f"{script}.py"), "--seed", str(seed), "--epochs", str(epochs), *common,
-                   *variants[variant], "--data-dir", args.data_dir, "--inception-weights", args.inception_weights,
-                   *(["--resume", checkpoint] if checkpoint else [])]  # fmt: skip
+            cmd = [
+                sys.executable,
+                str(REPO / f"{script}.py"),
+                "--seed",
+                str(seed),
+                "--epochs",
+                str(epochs),
+                *common,
+                *variants[variant],
+                "--data-dir",
+                args.data_dir,
+                "--inception-weights",
+                args.inception_weights,
+                *(["--resume", checkpoint] if checkpoint else []),
+            ]
             core = free_cores.pop(0)
             log = open(folder / "log.txt", "a")
             print(f"{time.strftime('%H:%M:%S')} {variant}/seed{seed} on core {core}: {' '.join(cmd)}", flush=True)
-            process = subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-                                       env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                       preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}))  # fmt: skip
+            process = subprocess.Popen(
+                cmd,
+                cwd=folder,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, OMP_NUM_THREADS="1"),
+                preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}),
+            )
             running[variant, seed] = (process, core, log, folder)
         time.sleep(10)
 

@@ -31,7 +31,8 @@ needs_mnist = pytest.mark.skipif(
     reason=f"MNIST raw files not found under {DATA_DIR} (tests never download)",
 )
 needs_inception = pytest.mark.skipif(
-    not INCEPTION_WEIGHTS.exists(), reason=f"FID Inception weights not found at {INCEPTION_WEIGHTS} (tests never download)"
+    not INCEPTION_WEIGHTS.exists(),
+    reason=f"FID Inception weights not found at {INCEPTION_WEIGHTS} (tests never download)",
 )
 
 
@@ -61,8 +62,20 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def tiny_mnist_flags(cache_dir: Path) -> list:
     """Offline data and weights, the session cache, 128 training images, FID on 16 samples against 16 test images."""
-    return ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
-            "--num-train-images", 128, "--eval-samples", 16, "--reference-size", 16]  # fmt: skip
+    return [
+        "--data-dir",
+        DATA_DIR,
+        "--inception-weights",
+        INCEPTION_WEIGHTS,
+        "--cache-dir",
+        cache_dir,
+        "--num-train-images",
+        128,
+        "--eval-samples",
+        16,
+        "--reference-size",
+        16,
+    ]
 
 
 def run_script(script: str, *args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -71,7 +84,9 @@ def run_script(script: str, *args, cwd: Path, check: bool = True) -> subprocess.
         [sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -87,8 +102,11 @@ def run_script_in_this_process(script: str, *args, cwd: Path) -> subprocess.Comp
     previous = os.getcwd()
     os.chdir(cwd)
     try:
-        with mock.patch.object(sys, "argv", [script, *map(str, args)]), contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(err):  # fmt: skip
+        with (
+            mock.patch.object(sys, "argv", [script, *map(str, args)]),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
             runpy.run_path(str(REPO / script), run_name="__main__")
     except SystemExit as e:
         returncode = e.code if isinstance(e.code, int) else 1
@@ -166,8 +184,16 @@ def write_checkpoint(path: Path, generator, score_network, score_key: str = "dis
     """A checkpoint in the training scripts' format with just what the post-hoc samplers read."""
     import torch
 
-    torch.save({"generator": generator.state_dict(), score_key: score_network.state_dict(), "epoch": 1,
-                "args": {"latent_dim": 100, "conditional": False}, "run_name": path.stem}, path)  # fmt: skip
+    torch.save(
+        {
+            "generator": generator.state_dict(),
+            score_key: score_network.state_dict(),
+            "epoch": 1,
+            "args": {"latent_dim": 100, "conditional": False},
+            "run_name": path.stem,
+        },
+        path,
+    )
     return path
 
 

@@ -4,10 +4,9 @@ into summary.json rows, the README's table and the curves figure."""
 import json
 
 import numpy as np
-
 import pytest
-
 import report
+
 import run_benchmark
 
 
@@ -26,7 +25,11 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_waits_for_b
     args = args_for(tmp_path, only=("vanilla_gan", "drs"))
     todo = run_benchmark.pending(args)
     assert [(row.variant, seed) for row, seed in todo if row.method == "vanilla_gan"] == [
-        ("default", 1), ("default", 2), ("default", 3), ("r1-gamma-10", 1)]  # fmt: skip
+        ("default", 1),
+        ("default", 2),
+        ("default", 3),
+        ("r1-gamma-10", 1),
+    ]
     vanilla, drs = todo[0][0], next(row for row, _ in todo if row.method == "drs")
     assert run_benchmark.command(drs, 1, args) is None  # its base has not finished
 
@@ -47,12 +50,24 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_waits_for_b
 def test_the_runner_runs_the_floor_row_and_writes_its_metrics(tmp_path):
     (floor,) = [row for row in run_benchmark.ROWS if row.method == "mnist_train"]
     command = run_benchmark.command(floor, 1, args_for(tmp_path))
-    assert command[2] == "mnist-train" and command[-2:] == ["--json-out", str(tmp_path / "work/mnist_train/real-vs-real/seed1/metrics.json")]
+    assert command[2] == "mnist-train" and command[-2:] == [
+        "--json-out",
+        str(tmp_path / "work/mnist_train/real-vs-real/seed1/metrics.json"),
+    ]
 
 
 def scores(fid, kid, epoch=None, **extra):
-    found = {"fid": fid, "kid": kid, "kid_std": 0.001, "precision": 0.5, "recall": 0.25, "num_samples": 10000,
-             "classifier_fid": fid / 10, "digits_covered": 10, **extra}  # fmt: skip
+    found = {
+        "fid": fid,
+        "kid": kid,
+        "kid_std": 0.001,
+        "precision": 0.5,
+        "recall": 0.25,
+        "num_samples": 10000,
+        "classifier_fid": fid / 10,
+        "digits_covered": 10,
+        **extra,
+    }
     return found if epoch is None else {"epoch": epoch, **found}
 
 
@@ -64,28 +79,66 @@ def history(*values):
 def benchmark_folder(tmp_path):
     work = tmp_path / "work"
     for seed, (last, best) in {1: (30.0, 20.0), 2: (40.0, 22.0)}.items():
-        finish(work, "vanilla_gan", "default", seed, {
-            "epochs": 100, "train_seconds": 600.0 * seed, "final": scores(last, 0.02), "best": scores(best, 0.01, 50),
-            "provenance": {"git_commit": "abc123", "device_name": "AMD EPYC"}, "history": history(9.0, 5.0 + seed)})  # fmt: skip
-    finish(work, "cyclegan", "default", 1, {"epochs": 10, "train_seconds": 60.0, "final": {
-        "usps_to_mnist_fid": 12.0, "usps_to_mnist_kid": 0.005, "usps_to_mnist_precision": 0.7, "usps_to_mnist_recall": 0.6,
-        "usps_to_mnist_num_samples": 2007, "mnist_to_usps_label_kept": 0.9, "usps_to_mnist_label_kept": 0.8}, "best": None,
-        "history": []})  # fmt: skip
+        finish(
+            work,
+            "vanilla_gan",
+            "default",
+            seed,
+            {
+                "epochs": 100,
+                "train_seconds": 600.0 * seed,
+                "final": scores(last, 0.02),
+                "best": scores(best, 0.01, 50),
+                "provenance": {"git_commit": "abc123", "device_name": "AMD EPYC"},
+                "history": history(9.0, 5.0 + seed),
+            },
+        )
+    finish(
+        work,
+        "cyclegan",
+        "default",
+        1,
+        {
+            "epochs": 10,
+            "train_seconds": 60.0,
+            "final": {
+                "usps_to_mnist_fid": 12.0,
+                "usps_to_mnist_kid": 0.005,
+                "usps_to_mnist_precision": 0.7,
+                "usps_to_mnist_recall": 0.6,
+                "usps_to_mnist_num_samples": 2007,
+                "mnist_to_usps_label_kept": 0.9,
+                "usps_to_mnist_label_kept": 0.8,
+            },
+            "best": None,
+            "history": [],
+        },
+    )
     floor = run_benchmark.run_folder(str(work), "mnist_train", "real-vs-real", 1)
     floor.mkdir(parents=True)
     (floor / "metrics.json").write_text(json.dumps(scores(2.0, 0.0001)))
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{report.TABLE_START}\nold\n{report.TABLE_END}\n{report.CURVES_START}\n{report.CURVES_END}\nend\n")
+    readme.write_text(
+        f"# x\n{report.TABLE_START}\nold\n{report.TABLE_END}\n{report.CURVES_START}\n{report.CURVES_END}\nend\n"
+    )
     return tmp_path
 
 
 def test_the_report_writes_summary_rows_with_mean_std_and_values(benchmark_folder):
     tmp_path = benchmark_folder
-    report.main(report.Args(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md")))
+    report.main(
+        report.Args(
+            work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md")
+        )
+    )
     rows = json.loads((tmp_path / "results" / "summary.json").read_text())["rows"]
     by_key = {(r["method"], r["variant"], r["generator"]): r for r in rows}
-    assert set(by_key) == {("mnist_train", "real-vs-real", "real"), ("vanilla_gan", "default", "last"),
-                           ("vanilla_gan", "default", "best"), ("cyclegan", "default", "last")}  # fmt: skip
+    assert set(by_key) == {
+        ("mnist_train", "real-vs-real", "real"),
+        ("vanilla_gan", "default", "last"),
+        ("vanilla_gan", "default", "best"),
+        ("cyclegan", "default", "last"),
+    }
     last = by_key["vanilla_gan", "default", "last"]
     assert last["fid"]["values"] == [30.0, 40.0] and last["fid"]["mean"] == 35.0
     assert last["fid"]["std"] == pytest.approx(7.0710678, rel=1e-6)  # sample std of 30 and 40
@@ -101,10 +154,17 @@ def test_the_report_writes_summary_rows_with_mean_std_and_values(benchmark_folde
 
 def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_folder):
     tmp_path = benchmark_folder
-    report.main(report.Args(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md")))
+    report.main(
+        report.Args(
+            work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md")
+        )
+    )
     readme = (tmp_path / "README.md").read_text()
     assert "old" not in readme and readme.endswith("end\n")
-    assert "| vanilla_gan | default | last | 35.00 ± 7.07 | 20.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 1, 2 | 10000 | 100 epochs, 15 min | AMD EPYC |" in readme
+    assert (
+        "| vanilla_gan | default | last | 35.00 ± 7.07 | 20.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 1, 2 | 10000 | 100 epochs, 15 min | AMD EPYC |"
+        in readme
+    )
     assert "| mnist_train | real-vs-real | real | 2.00 | 0.10 |" in readme
     assert "![fast metric against epoch and training minutes](results/curves.png)" in readme
     from PIL import Image
@@ -116,5 +176,7 @@ def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_
 def test_the_report_without_finished_runs_says_so_instead_of_an_empty_table(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"{report.TABLE_START}\nold\n{report.TABLE_END}\n{report.CURVES_START}\n{report.CURVES_END}\n")
-    rows = report.main(report.Args(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(readme)))
+    rows = report.main(
+        report.Args(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(readme))
+    )
     assert rows == [] and report.NO_ROWS in readme.read_text() and "| method |" not in readme.read_text()

@@ -8,6 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
+
+import eval_fid
+import vanilla_gan
 from conftest import (
     DATA_DIR,
     INCEPTION_WEIGHTS,
@@ -16,9 +19,6 @@ from conftest import (
     run_script_in_this_process,
     write_checkpoint,
 )
-
-import eval_fid
-import vanilla_gan
 
 OFFLINE = ["--inception-weights", INCEPTION_WEIGHTS]
 
@@ -84,20 +84,29 @@ def old_checkpoint(path):
 
 def test_an_old_checkpoint_is_refused_with_the_command_that_converts_it(tmp_path):
     old_checkpoint(tmp_path / "old.pt")
-    result = run_script("latent_adapt.py", tmp_path / "old.pt", "--data-dir", DATA_DIR, *OFFLINE, cwd=tmp_path, check=False)
+    result = run_script(
+        "latent_adapt.py", tmp_path / "old.pt", "--data-dir", DATA_DIR, *OFFLINE, cwd=tmp_path, check=False
+    )
     line = assert_one_line_error(result, "numpy", "python eval_fid.py convert-checkpoint")
     assert eval_fid.CONVERT_COMMAND.format(path=tmp_path / "old.pt") in line
 
 
 def test_convert_checkpoint_needs_the_trust_flag_then_writes_plain_types_only(tmp_path):
     original = old_checkpoint(tmp_path / "old.pt")
-    refused = run_script("eval_fid.py", "convert-checkpoint", tmp_path / "old.pt", tmp_path / "new.pt", cwd=tmp_path,
-                         check=False)  # fmt: skip
+    refused = run_script(
+        "eval_fid.py", "convert-checkpoint", tmp_path / "old.pt", tmp_path / "new.pt", cwd=tmp_path, check=False
+    )
     assert_one_line_error(refused, "--i-trust-this-file")
     assert not (tmp_path / "new.pt").exists()
 
-    run_script("eval_fid.py", "convert-checkpoint", tmp_path / "old.pt", tmp_path / "new.pt", "--i-trust-this-file",
-               cwd=tmp_path)  # fmt: skip
+    run_script(
+        "eval_fid.py",
+        "convert-checkpoint",
+        tmp_path / "old.pt",
+        tmp_path / "new.pt",
+        "--i-trust-this-file",
+        cwd=tmp_path,
+    )
     converted = eval_fid.load_checkpoint(str(tmp_path / "new.pt"), {"generator", "discriminator", "epoch"})
     (entry,) = converted["history"]
     assert entry["classifier_fid"] == 12.5 and type(entry["classifier_fid"]) is float
@@ -156,8 +165,18 @@ def test_runs_started_at_the_same_moment_never_share_a_folder(tmp_path):
 
 
 def test_the_real_vs_real_floor_scores_the_first_10000_training_digits(tmp_path, cache_dir):
-    result = run_script_in_this_process("eval_fid.py", "mnist-train", "--fast-only", "--data-dir", DATA_DIR,
-                                        "--cache-dir", cache_dir, "--json-out", tmp_path / "floor.json", cwd=tmp_path)
+    result = run_script_in_this_process(
+        "eval_fid.py",
+        "mnist-train",
+        "--fast-only",
+        "--data-dir",
+        DATA_DIR,
+        "--cache-dir",
+        cache_dir,
+        "--json-out",
+        tmp_path / "floor.json",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     floor = __import__("json").loads((tmp_path / "floor.json").read_text())
     assert floor["digits_covered"] == 10 and floor["classifier_fid"] < 10  # 4.6 here; untrained nets score hundreds

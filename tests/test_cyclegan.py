@@ -4,6 +4,9 @@ import json
 
 import pytest
 import torch
+
+import cyclegan
+import eval_fid
 from conftest import (
     DATA_DIR,
     assert_divergence_stops_at_the_last_good_checkpoint,
@@ -13,9 +16,6 @@ from conftest import (
     run_script,
     tiny_mnist_flags,
 )
-
-import cyclegan
-import eval_fid
 
 needs_usps = pytest.mark.skipif(
     not (DATA_DIR / "USPS" / "usps.bz2").exists(), reason=f"USPS not found under {DATA_DIR} (tests never download)"

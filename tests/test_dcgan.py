@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+
+import dcgan
 from conftest import (
     assert_divergence_stops_at_the_last_good_checkpoint,
     needs_inception,
@@ -12,8 +14,6 @@ from conftest import (
     run_script,
     tiny_mnist_flags,
 )
-
-import dcgan
 
 
 def minibatch_features_by_loop(features: torch.Tensor, T: torch.Tensor, num_kernels: int, kernel_dim: int):
@@ -121,9 +121,28 @@ def test_discriminator_loss_with_smoothed_targets_is_the_cross_entropy():
 
 # --- end to end, tiny budgets --------------------------------------------------------------------------------------
 
-ALL_TRICKS = ["--conditional", "--real-label", 0.9, "--fake-label", 0.1, "--label-flip", 0.05, "--replay-size", 128,
-              "--replay-every", 2, "--minibatch-disc", 10, 3, "--vbn", "--vbn-reference-size", 8, "--disc-bn",
-              "--kernel-size", 3]  # fmt: skip
+ALL_TRICKS = [
+    "--conditional",
+    "--real-label",
+    0.9,
+    "--fake-label",
+    0.1,
+    "--label-flip",
+    0.05,
+    "--replay-size",
+    128,
+    "--replay-every",
+    2,
+    "--minibatch-disc",
+    10,
+    3,
+    "--vbn",
+    "--vbn-reference-size",
+    8,
+    "--disc-bn",
+    "--kernel-size",
+    3,
+]
 
 
 def train(tmp_path, cache_dir, *extra, check=True):

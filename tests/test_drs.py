@@ -6,6 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+
+import drs
+import vanilla_gan
+import wgan_gp
 from conftest import (
     DATA_DIR,
     INCEPTION_WEIGHTS,
@@ -16,10 +20,6 @@ from conftest import (
     separating_discriminator,
     write_checkpoint,
 )
-
-import drs
-import vanilla_gan
-import wgan_gp
 
 
 def test_acceptance_probability_equals_the_papers_formula_on_known_logits():
@@ -69,17 +69,37 @@ def checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     generator = vanilla_gan.Generator(100)
     return {
-        "discriminator": write_checkpoint(folder / "vanilla.pt", generator,
-                                          separating_discriminator(vanilla_gan.Discriminator(), generator)),
-        "critic": write_checkpoint(folder / "wgan.pt", generator,
-                                   separating_discriminator(wgan_gp.Critic(conditional=False), generator), "critic"),
-    }  # fmt: skip
+        "discriminator": write_checkpoint(
+            folder / "vanilla.pt", generator, separating_discriminator(vanilla_gan.Discriminator(), generator)
+        ),
+        "critic": write_checkpoint(
+            folder / "wgan.pt",
+            generator,
+            separating_discriminator(wgan_gp.Critic(conditional=False), generator),
+            "critic",
+        ),
+    }
 
 
 def run_drs(tmp_path, cache_dir, checkpoint, *extra, check=True):
-    tiny = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
-            "--num-samples", 16, "--reference-size", 16, "--burn-in", 64, "--proposal-batch", 32,
-            "--calibration-size", 64]  # fmt: skip
+    tiny = [
+        "--data-dir",
+        DATA_DIR,
+        "--inception-weights",
+        INCEPTION_WEIGHTS,
+        "--cache-dir",
+        cache_dir,
+        "--num-samples",
+        16,
+        "--reference-size",
+        16,
+        "--burn-in",
+        64,
+        "--proposal-batch",
+        32,
+        "--calibration-size",
+        64,
+    ]
     tmp_path.mkdir(parents=True, exist_ok=True)
     return run_script("drs.py", checkpoint, *tiny, *extra, cwd=tmp_path, check=check)
 
@@ -106,8 +126,10 @@ def test_a_very_negative_gamma_accepts_every_proposal_and_a_strict_one_rejects(t
     common = [cache_dir, checkpoints["discriminator"], "--fast-only", "--num-samples", 64]
     run_drs(tmp_path / "all", *common, "--gamma", -1000)
     run_drs(tmp_path / "strict", *common, "--gamma-percentile", 95)
-    accept_all, strict = (json.loads(next((tmp_path / d / "runs").iterdir()).joinpath("metrics.json").read_text())
-                          for d in ("all", "strict"))  # fmt: skip
+    accept_all, strict = (
+        json.loads(next((tmp_path / d / "runs").iterdir()).joinpath("metrics.json").read_text())
+        for d in ("all", "strict")
+    )
     assert accept_all["proposals"] == 64 and accept_all["acceptance_rate"] == 1.0
     assert strict["acceptance_rate"] < 0.5
 
@@ -116,8 +138,14 @@ def test_a_very_negative_gamma_accepts_every_proposal_and_a_strict_one_rejects(t
 @needs_inception
 def test_same_seed_gives_the_same_samples(tmp_path, cache_dir, checkpoints):
     for name in ("a", "b"):
-        run_drs(tmp_path / name, cache_dir, checkpoints["discriminator"], "--fast-only", "--save-samples",
-                tmp_path / f"{name}.npz")  # fmt: skip
+        run_drs(
+            tmp_path / name,
+            cache_dir,
+            checkpoints["discriminator"],
+            "--fast-only",
+            "--save-samples",
+            tmp_path / f"{name}.npz",
+        )
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert np.array_equal(a["samples"], b["samples"])
 

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
+
+import eval_fid
 from conftest import (
     DATA_DIR,
     INCEPTION_WEIGHTS,
@@ -13,9 +16,6 @@ from conftest import (
     needs_mnist,
     run_script,
 )
-from PIL import Image
-
-import eval_fid
 
 N = 48  # images per set: the FID Inception runs ~10 img/s on 2 CPU cores
 
@@ -89,8 +89,18 @@ def test_cli_reads_png_folders_npz_and_pt_alike(tmp_path, cache_dir, mnist_test)
     # PNGs are lossless and .pt floats are in [-1, 1]: all three are the reference images themselves.
     fids = []
     for source in ("pngs", "samples.npz", "samples.pt"):
-        result = cli(tmp_path / source, "--inception-weights", INCEPTION_WEIGHTS, "--reference-size", N,
-                     "--json-out", tmp_path / "m.json", cwd=tmp_path, cache_dir=cache_dir, check=True)  # fmt: skip
+        result = cli(
+            tmp_path / source,
+            "--inception-weights",
+            INCEPTION_WEIGHTS,
+            "--reference-size",
+            N,
+            "--json-out",
+            tmp_path / "m.json",
+            cwd=tmp_path,
+            cache_dir=cache_dir,
+            check=True,
+        )
         metrics = json.loads((tmp_path / "m.json").read_text())
         assert "| fid |" in result.stdout and json.loads(result.stdout.strip().splitlines()[-1]) == metrics
         assert metrics["precision"] == 1.0 and metrics["num_samples"] == N
@@ -151,8 +161,14 @@ def test_float_samples_outside_tanh_range(tmp_path, cache_dir):
 def test_inception_weights_of_the_wrong_shape(tmp_path, cache_dir):
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(5, 5)}, tmp_path / "wrong.pth")
     torch.save(torch.zeros(4, 28, 28, dtype=torch.uint8), tmp_path / "s.pt")
-    result = cli(tmp_path / "s.pt", tmp_path / "s.pt", "--inception-weights", tmp_path / "wrong.pth",
-                 cwd=tmp_path, cache_dir=cache_dir)  # fmt: skip
+    result = cli(
+        tmp_path / "s.pt",
+        tmp_path / "s.pt",
+        "--inception-weights",
+        tmp_path / "wrong.pth",
+        cwd=tmp_path,
+        cache_dir=cache_dir,
+    )
     assert_one_line_error(result, "does not fit the FID Inception")
 
 

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+
+import latent_adapt
 from conftest import (
     DATA_DIR,
     INCEPTION_WEIGHTS,
@@ -16,8 +18,6 @@ from conftest import (
     separating_discriminator,
     write_checkpoint,
 )
-
-import latent_adapt
 
 
 def test_class_gaussian_fit_recovers_known_means_and_variances():
@@ -36,7 +36,9 @@ def test_class_gaussian_fit_recovers_known_means_and_variances():
 
 def test_class_gaussian_fit_names_the_digits_it_cannot_fit():
     with pytest.raises(ValueError, match=r"digits \[3\]"):
-        latent_adapt.fit_class_gaussians(torch.randn(30, 2), torch.tensor([d for d in range(10) if d != 3] * 3 + [0] * 3))
+        latent_adapt.fit_class_gaussians(
+            torch.randn(30, 2), torch.tensor([d for d in range(10) if d != 3] * 3 + [0] * 3)
+        )
 
 
 def test_balanced_sampling_gives_exactly_per_class_samples_by_classifier_label():
@@ -54,7 +56,9 @@ def test_balanced_sampling_gives_exactly_per_class_samples_by_classifier_label()
     assert torch.equal(torch.bincount(classify(samples)), torch.full((10,), 37))
     assert all(d >= 37 for d in draws)
     with pytest.raises(RuntimeError, match="digit 0"):
-        latent_adapt.sample_balanced(lambda z: z, lambda x: torch.full((len(x),), 5), means, torch.ones(10, 4), 1, 8, 64)
+        latent_adapt.sample_balanced(
+            lambda z: z, lambda x: torch.full((len(x),), 5), means, torch.ones(10, 4), 1, 8, 64
+        )
 
 
 def test_nearest_real_similarity_and_thresholds_match_a_direct_loop():
@@ -63,7 +67,9 @@ def test_nearest_real_similarity_and_thresholds_match_a_direct_loop():
     reals, real_labels = torch.rand(100, 1, 4, 4), torch.arange(10).repeat(10)
     got = latent_adapt.nearest_real_similarity(fakes, predicted, latent_adapt.reals_by_digit(reals, real_labels))
     for fake, digit, similarity in zip(fakes, predicted, got):
-        cosines = [torch.dot(fake.flatten(), r.flatten()) / (fake.norm() * r.norm()) for r in reals[real_labels == digit]]
+        cosines = [
+            torch.dot(fake.flatten(), r.flatten()) / (fake.norm() * r.norm()) for r in reals[real_labels == digit]
+        ]
         assert similarity.item() == pytest.approx(max(cosines).item(), abs=1e-6)
     thresholds = latent_adapt.class_thresholds(got, predicted, 0.3)
     for digit in range(10):
@@ -88,15 +94,32 @@ def test_latent_adapt_end_to_end_on_a_generator_of_real_digits(tmp_path, cache_d
     generator, _ = digit_template_generator()
     import vanilla_gan
 
-    checkpoint = write_checkpoint(tmp_path / "templates.pt", generator,
-                                  separating_discriminator(vanilla_gan.Discriminator(), generator))  # fmt: skip
-    tiny = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
-            "--reference-size", 16, "--per-class", 3, "--num-latents", 500, "--batch-size", 100]  # fmt: skip
+    checkpoint = write_checkpoint(
+        tmp_path / "templates.pt", generator, separating_discriminator(vanilla_gan.Discriminator(), generator)
+    )
+    tiny = [
+        "--data-dir",
+        DATA_DIR,
+        "--inception-weights",
+        INCEPTION_WEIGHTS,
+        "--cache-dir",
+        cache_dir,
+        "--reference-size",
+        16,
+        "--per-class",
+        3,
+        "--num-latents",
+        500,
+        "--batch-size",
+        100,
+    ]
     result = run_script("latent_adapt.py", checkpoint, *tiny, "--save-samples", tmp_path / "pngs", cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["adapted"]["class_histogram"] == [3] * 10 and metrics["adapted"]["digits_covered"] == 10
-    assert {"fid", "precision", "recall"} <= set(metrics["base"]) and {"fid", "precision", "recall"} <= set(metrics["adapted"])
+    assert {"fid", "precision", "recall"} <= set(metrics["base"]) and {"fid", "precision", "recall"} <= set(
+        metrics["adapted"]
+    )
     assert sum(metrics["kept_per_digit"]) >= 250  # quantile 0.5 keeps about half of the 500 latents
     assert len(list((tmp_path / "pngs").glob("*.png"))) == 30
     for image in ("similarity_histograms.png", "samples_base.png", "samples_adapted.png"):
@@ -111,7 +134,20 @@ def test_a_generator_that_never_makes_some_digits_is_one_clear_error(tmp_path, c
 
     torch.manual_seed(0)
     checkpoint = write_checkpoint(tmp_path / "noise.pt", vanilla_gan.Generator(100), vanilla_gan.Discriminator())
-    result = run_script("latent_adapt.py", checkpoint, "--data-dir", DATA_DIR, "--cache-dir", cache_dir, "--fast-only",
-                        "--per-class", 2, "--num-latents", 200, cwd=tmp_path, check=False)  # fmt: skip
+    result = run_script(
+        "latent_adapt.py",
+        checkpoint,
+        "--data-dir",
+        DATA_DIR,
+        "--cache-dir",
+        cache_dir,
+        "--fast-only",
+        "--per-class",
+        2,
+        "--num-latents",
+        200,
+        cwd=tmp_path,
+        check=False,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "fewer than 2 kept latents" in lines[0], lines

@@ -6,6 +6,9 @@ import math
 
 import pytest
 import torch
+from torch.distributions import MultivariateNormal
+
+import mdgan
 from conftest import (
     assert_divergence_stops_at_the_last_good_checkpoint,
     needs_inception,
@@ -14,9 +17,6 @@ from conftest import (
     run_script,
     tiny_mnist_flags,
 )
-from torch.distributions import MultivariateNormal
-
-import mdgan
 
 
 @pytest.mark.parametrize("dim", [1, 2, 9])
@@ -100,8 +100,22 @@ def test_latent_noise_is_the_asked_distribution():
 def test_lr_halving_schedule_reaches_the_optimisers(tmp_path):
     assert [mdgan.scheduled_lr(1e-3, step, 10) for step in (0, 9, 10, 25)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
     assert mdgan.scheduled_lr(1e-3, 10**6, 0) == 1e-3  # --lr-halve-every 0: constant
-    flags = ["--dataset", "grid9", "--toy-steps-per-epoch", 20, "--batch-size", 32, "--eval-samples", 100,
-             "--lr-halve-every", 35, "--lr-g", 1e-3, "--lr-d", 2e-3]  # fmt: skip
+    flags = [
+        "--dataset",
+        "grid9",
+        "--toy-steps-per-epoch",
+        20,
+        "--batch-size",
+        32,
+        "--eval-samples",
+        100,
+        "--lr-halve-every",
+        35,
+        "--lr-g",
+        1e-3,
+        "--lr-d",
+        2e-3,
+    ]
     run_script("mdgan.py", *flags, "--epochs", 2, cwd=tmp_path)
     checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
     saved = torch.load(checkpoint, weights_only=True)  # 40 steps: halved once, at step 35
@@ -124,8 +138,9 @@ def test_grid9_smoke_run_and_resume_guard(tmp_path):
     absurd = [*toy_flags, "--epochs", 2, "--lr-g", 1e38, "--lr-d", 1e38]
     assert_divergence_stops_at_the_last_good_checkpoint("mdgan.py", run_dir, tmp_path / "diverged", *absurd)
     checkpoint = run_dir / "checkpoint.pt"
-    result = run_script("mdgan.py", *toy_flags, "--epochs", 2, "--resume", checkpoint, "--latent", "uniform",
-                        cwd=tmp_path, check=False)  # fmt: skip
+    result = run_script(
+        "mdgan.py", *toy_flags, "--epochs", 2, "--resume", checkpoint, "--latent", "uniform", cwd=tmp_path, check=False
+    )
     assert result.returncode != 0 and "trained with --latent normal" in result.stderr.strip().splitlines()[-1]
     earlier_nets = torch.load(checkpoint, weights_only=True)
     del earlier_nets["toy_output_bound"]  # what a checkpoint of the linear-output 2-D generator looked like

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+import otgan
 from conftest import (
     assert_divergence_stops_at_the_last_good_checkpoint,
     needs_inception,
@@ -13,8 +15,6 @@ from conftest import (
     run_script,
     tiny_mnist_flags,
 )
-
-import otgan
 
 
 def random_cost(n: int, m: int, seed: int) -> torch.Tensor:

@@ -10,6 +10,9 @@ import rescore_toy_checkpoints
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
+
+import unrolled_gan as ug
 from conftest import (
     assert_divergence_stops_at_the_last_good_checkpoint,
     needs_inception,
@@ -18,9 +21,6 @@ from conftest import (
     run_script,
     tiny_mnist_flags,
 )
-from torch.func import functional_call
-
-import unrolled_gan as ug
 
 
 class TinyDiscriminator(nn.Module):
@@ -146,8 +146,23 @@ def test_standardized_run_scores_the_generators_points_scaled_back(tmp_path):
     """With --standardize G learns the mixture / std: the scored points are its outputs times the std, the rescoring
     tool scales a standardised checkpoint's outputs back the same way, and a checkpoint resumes only the way it was
     trained."""
-    flags = ["--dataset", "grid9", "--standardize", "--unroll-steps", 1, "--toy-steps-per-epoch", 5, "--batch-size", 32,
-             "--eval-samples", 200, "--epochs", 1, "--save-samples", tmp_path / "points"]  # fmt: skip
+    flags = [
+        "--dataset",
+        "grid9",
+        "--standardize",
+        "--unroll-steps",
+        1,
+        "--toy-steps-per-epoch",
+        5,
+        "--batch-size",
+        32,
+        "--eval-samples",
+        200,
+        "--epochs",
+        1,
+        "--save-samples",
+        tmp_path / "points",
+    ]
     run_script("unrolled_gan.py", *flags, cwd=tmp_path)
     checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
     generator = ug.ToyGenerator(256)
@@ -193,8 +208,24 @@ def test_scatter_image_puts_points_where_they_are():
 
 
 def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
-    tiny = ["--dataset", "ring8", "--unroll-steps", 2, "--toy-steps-per-epoch", 20, "--batch-size", 64,
-            "--eval-samples", 500, "--log-every", 10, "--generator-loss", "minimax", "--lr-halve-every", 15]  # fmt: skip
+    tiny = [
+        "--dataset",
+        "ring8",
+        "--unroll-steps",
+        2,
+        "--toy-steps-per-epoch",
+        20,
+        "--batch-size",
+        64,
+        "--eval-samples",
+        500,
+        "--log-every",
+        10,
+        "--generator-loss",
+        "minimax",
+        "--lr-halve-every",
+        15,
+    ]
     result = run_script("unrolled_gan.py", *tiny, "--epochs", 1, cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
     assert "modes covered" in result.stdout.strip().splitlines()[-1]
@@ -209,15 +240,27 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 4)  # the 2-D defaults, quartered
     assert saved["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(1e-4 / 4)
     # Resuming sets the command line's rates at once: with no halving left, nothing else would replace the saved ones.
-    run_script("unrolled_gan.py", *tiny, "--epochs", 3, "--lr-halve-every", 0, "--lr-d", 3e-5,
-               "--resume", run_dir / "checkpoint.pt", cwd=tmp_path)  # fmt: skip
+    run_script(
+        "unrolled_gan.py",
+        *tiny,
+        "--epochs",
+        3,
+        "--lr-halve-every",
+        0,
+        "--lr-d",
+        3e-5,
+        "--resume",
+        run_dir / "checkpoint.pt",
+        cwd=tmp_path,
+    )
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert saved["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
     assert saved["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(3e-5)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 60 and metrics["final"]["num_modes"] == 8 and len(metrics["history"]) == 3
-    other_data = run_script("unrolled_gan.py", *tiny, "--dataset", "grid9", "--resume", run_dir / "checkpoint.pt",
-                            cwd=tmp_path, check=False)  # fmt: skip
+    other_data = run_script(
+        "unrolled_gan.py", *tiny, "--dataset", "grid9", "--resume", run_dir / "checkpoint.pt", cwd=tmp_path, check=False
+    )
     assert other_data.returncode == 2 and "was trained with --dataset ring8" in other_data.stderr
     absurd = [*tiny, "--epochs", 4, "--lr-halve-every", 0, "--lr-g", 1e38, "--lr-d", 1e38]
     assert_divergence_stops_at_the_last_good_checkpoint("unrolled_gan.py", run_dir, tmp_path / "diverged", *absurd)
@@ -225,11 +268,16 @@ def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--unroll-steps", -1], "--unroll-steps must be 0 or more, got -1"),
-     (["--batch-size", 0], "--batch-size and --toy-steps-per-epoch must be >= 1, got 0, 1000"),
-     (["--lr-halve-every", -1], "--lr-halve-every must be >= 0 steps (0: constant), got -1"),
-     (["--dataset", "mnist", "--standardize"], "--standardize is for the 2-D mixtures; MNIST is already scaled to [-1, 1]")],
-)  # fmt: skip
+    [
+        (["--unroll-steps", -1], "--unroll-steps must be 0 or more, got -1"),
+        (["--batch-size", 0], "--batch-size and --toy-steps-per-epoch must be >= 1, got 0, 1000"),
+        (["--lr-halve-every", -1], "--lr-halve-every must be >= 0 steps (0: constant), got -1"),
+        (
+            ["--dataset", "mnist", "--standardize"],
+            "--standardize is for the 2-D mixtures; MNIST is already scaled to [-1, 1]",
+        ),
+    ],
+)
 def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
     result = run_script("unrolled_gan.py", *flags, cwd=tmp_path, check=False)
     assert result.returncode == 2 and result.stderr.strip() == f"error: {message}"

@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 import torch
+
 from conftest import (
     DATA_DIR,
     INCEPTION_WEIGHTS,
@@ -19,8 +20,20 @@ from conftest import (
 pytestmark = [needs_mnist, needs_inception]
 
 
-TINY = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--num-train-images", 256,
-        "--eval-samples", 32, "--reference-size", 32, "--log-every", 2]  # fmt: skip
+TINY = [
+    "--data-dir",
+    DATA_DIR,
+    "--inception-weights",
+    INCEPTION_WEIGHTS,
+    "--num-train-images",
+    256,
+    "--eval-samples",
+    32,
+    "--reference-size",
+    32,
+    "--log-every",
+    2,
+]
 
 
 def train(tmp_path, cache_dir, *extra, check=True):
@@ -97,7 +110,9 @@ def test_mismatched_checkpoint_is_one_clear_error(one_epoch_run, cache_dir):
 def test_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(one_epoch_run, tmp_path, cache_dir):
     # An absurd learning rate overflows the weights within a few steps.
     flags = [*TINY, "--cache-dir", cache_dir, "--epochs", 3, "--lr-d", 1e38, "--lr-g", 1e38]
-    assert_divergence_stops_at_the_last_good_checkpoint("vanilla_gan.py", only_run_dir(one_epoch_run[0]), tmp_path, *flags)
+    assert_divergence_stops_at_the_last_good_checkpoint(
+        "vanilla_gan.py", only_run_dir(one_epoch_run[0]), tmp_path, *flags
+    )
 
 
 def test_r1_and_bf16_flags_train_and_log_the_penalty(tmp_path, cache_dir):
@@ -110,4 +125,6 @@ def test_r1_and_bf16_flags_train_and_log_the_penalty(tmp_path, cache_dir):
 
 def test_too_few_eval_samples_fail_before_training(tmp_path, cache_dir):
     result = train(tmp_path, cache_dir, "--eval-samples", 3, check=False)
-    assert result.returncode != 0 and result.stderr.strip().splitlines() == ["error: --eval-samples must be at least 4, got 3"]
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        "error: --eval-samples must be at least 4, got 3"
+    ]

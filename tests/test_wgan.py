@@ -5,6 +5,9 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+
+import wgan_clip
+import wgan_gp
 from conftest import (
     DATA_DIR,
     INCEPTION_WEIGHTS,
@@ -14,9 +17,6 @@ from conftest import (
     only_run_dir,
     run_script,
 )
-
-import wgan_clip
-import wgan_gp
 
 
 class LinearCritic(nn.Module):
@@ -100,13 +100,27 @@ def test_generator_batch_norm_flag():
 
 # --- tiny end-to-end runs: 1280 images = 20 critic steps per epoch ------------------------------
 
-SMOKE = ["--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--num-train-images", 1280,
-         "--eval-samples", 40, "--reference-size", 32, "--log-every", 1]  # fmt: skip
+SMOKE = [
+    "--data-dir",
+    DATA_DIR,
+    "--inception-weights",
+    INCEPTION_WEIGHTS,
+    "--num-train-images",
+    1280,
+    "--eval-samples",
+    40,
+    "--reference-size",
+    32,
+    "--log-every",
+    1,
+]
 
 
 @needs_mnist
 @needs_inception
-@pytest.mark.parametrize("extra", [[], ["--generator-bn", "--critic-boost", "--boost-iters", 3, "--boost-first", 2, "--boost-every", 4]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--generator-bn", "--critic-boost", "--boost-iters", 3, "--boost-first", 2, "--boost-every", 4]]
+)
 def test_wgan_clip_runs_counts_critic_steps_and_keeps_weights_clipped(tmp_path, cache_dir, extra):
     run_script("wgan_clip.py", *SMOKE, "--cache-dir", cache_dir, "--epochs", 2, *extra, cwd=tmp_path)
     checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
@@ -123,8 +137,20 @@ def test_wgan_clip_runs_counts_critic_steps_and_keeps_weights_clipped(tmp_path, 
 @needs_mnist
 @needs_inception
 def test_wgan_gp_conditional_run_reports_label_accuracy_and_logs_the_wasserstein_estimate(tmp_path, cache_dir):
-    run_script("wgan_gp.py", "--lambda-gp", 10, "--n-critic", 5, "--conditional", *SMOKE, "--cache-dir", cache_dir,
-               "--epochs", 1, cwd=tmp_path)  # fmt: skip
+    run_script(
+        "wgan_gp.py",
+        "--lambda-gp",
+        10,
+        "--n-critic",
+        5,
+        "--conditional",
+        *SMOKE,
+        "--cache-dir",
+        cache_dir,
+        "--epochs",
+        1,
+        cwd=tmp_path,
+    )
     run_dir = only_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["final"]["label_accuracy"] <= 1.0 and metrics["step"] == 4
@@ -146,7 +172,9 @@ def test_wgan_gp_resume_and_fine_tune_with_scaled_learning_rates(tmp_path, cache
 
     fine_dir = tmp_path / "fine"
     fine_dir.mkdir()
-    run_script("wgan_gp.py", *common, "--fine-tune-from", first / "best.pt", "--lr-scale", 0.5, "--epochs", 1, cwd=fine_dir)
+    run_script(
+        "wgan_gp.py", *common, "--fine-tune-from", first / "best.pt", "--lr-scale", 0.5, "--epochs", 1, cwd=fine_dir
+    )
     tuned = torch.load(only_run_dir(fine_dir) / "checkpoint.pt", weights_only=True)
     assert tuned["epoch"] == 1 and tuned["run_name"] != first.name  # a new run, one more epoch
     assert [g["lr"] for g in tuned["optimizer_g"]["param_groups"]] == [0.5e-4]
