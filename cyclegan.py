@@ -254,8 +254,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_samples < 10:  # FID needs a few samples, and the translation grids show 10 test digits
         eval_fid.fail(f"--eval-samples must be at least 10, got {args.eval_samples}")
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_file = args.resume
+    checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file else None
+    run_name = checkpoint["run_name"] if args.resume else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -317,7 +318,7 @@ if __name__ == "__main__":
 
     start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, -1.0, []
     usps_order, usps_position = torch.randperm(len(usps_train), generator=batch_order).to(device), 0
-    if checkpoint:
+    if checkpoint:  # its networks and optimisers
         try:
             for name, network in networks.items():
                 network.load_state_dict(checkpoint[name])
@@ -326,22 +327,21 @@ if __name__ == "__main__":
             fake_mnist_pool.load_state_dict(checkpoint["pools"]["mnist"])
             fake_usps_pool.load_state_dict(checkpoint["pools"]["usps"])
         except (RuntimeError, ValueError, KeyError) as e:
-            eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
-        for optimizer in (optimizer_g, optimizer_d):
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr  # the command line wins: a resumed run may change its learning rate
+            eval_fid.fail(f"{checkpoint_file} does not match these networks/args: {' '.join(str(e).split())[:200]}")
+    if args.resume:  # and where the run stopped: counters, history, random state
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
-        train_seconds, best_metric, history = (
-            checkpoint["train_seconds"],
-            checkpoint["best_metric"],
-            checkpoint["history"],
-        )
+        train_seconds, best_metric = checkpoint["train_seconds"], checkpoint["best_metric"]
+        history = checkpoint["history"]
         usps_order, usps_position = checkpoint["usps_order"].to(device), checkpoint["usps_position"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
+    # The command line wins over a checkpoint: a resumed run may change its learning rates.
+    for optimizer in (optimizer_g, optimizer_d):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
 
     # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
     run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))

@@ -201,7 +201,7 @@ class Discriminator(nn.Module):
     Conditional: the label enters the dense layer as a projection (Miyato & Koyama 2018, arXiv:1802.05637): the logit
     gains <embed(y), features>, i.e. the one-hot times a learned matrix dotted with the features. A plain one-hot
     concatenated before the output could only shift the logit per class; concatenated to a hidden dense layer it
-    collapsed every label to one image (README, dcgan ablation); the projection lets D judge image and label together.
+    collapsed every label to one image (docs/dcgan.md, the ablation); the projection lets D judge image and label together.
     """
 
     def __init__(self, args: Args):
@@ -291,8 +291,9 @@ if __name__ == "__main__":
         eval_fid.fail(f"--vbn-reference-size must be at least 2, got {args.vbn_reference_size}")
     if args.replay_size and (args.replay_size < args.batch_size or args.replay_every < 1):
         eval_fid.fail(f"--replay-size must hold one batch ({args.batch_size}) and --replay-every be >= 1")
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_file = args.resume
+    checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file else None
+    run_name = checkpoint["run_name"] if args.resume else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -338,7 +339,7 @@ if __name__ == "__main__":
     replay_filled, replay_next = 0, 0
 
     start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, float("inf"), []
-    if checkpoint:
+    if checkpoint:  # its networks and optimisers
         try:
             generator.load_state_dict(checkpoint["generator"])
             discriminator.load_state_dict(checkpoint["discriminator"])
@@ -347,22 +348,21 @@ if __name__ == "__main__":
             replay_images.copy_(checkpoint["replay"]["images"])
             replay_labels.copy_(checkpoint["replay"]["labels"])
         except (RuntimeError, ValueError, KeyError) as e:
-            eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
-        for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_d, args.lr_d)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr  # the command line wins: a resumed run may change its learning rates
+            eval_fid.fail(f"{checkpoint_file} does not match these networks/args: {' '.join(str(e).split())[:200]}")
+    if args.resume:  # and where the run stopped: counters, history, random state
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
         replay_filled, replay_next = checkpoint["replay"]["filled"], checkpoint["replay"]["next"]
-        train_seconds, best_metric, history = (
-            checkpoint["train_seconds"],
-            checkpoint["best_metric"],
-            checkpoint["history"],
-        )
+        train_seconds, best_metric = checkpoint["train_seconds"], checkpoint["best_metric"]
+        history = checkpoint["history"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
+    # The command line wins over a checkpoint: a resumed run may change its learning rates.
+    for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_d, args.lr_d)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
     # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
     run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))

@@ -109,8 +109,8 @@ class Discriminator(nn.Module):
 def renumber_linear_layers(state_dict: dict, module: nn.Sequential, prefix: str = "net.") -> dict:
     """Map the k-th Linear layer of a saved MLP to the k-th Linear of `module`.
 
-    vanilla_gan's discriminator starts with nn.Flatten (its layers are net.1, net.3, ...), the critics do not
-    (net.0, net.2, ...): the same MLP under other indices.
+    vanilla_gan's discriminator has a (weightless) dropout after each hidden layer (its layers are net.0, net.3, ...),
+    the critics do not (net.0, net.2, ...): the same MLP under other indices.
     """
     saved = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith(prefix)})
     ours = [i for i, layer in enumerate(module) if isinstance(layer, nn.Linear)]

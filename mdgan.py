@@ -65,7 +65,7 @@ class Args:
     """dimension of the generator's input z (default 2 on 2-D as in the authors' code, 100 on MNIST)"""
     latent: Literal["normal", "uniform"] = "normal"
     """distribution of z: standard normal, or uniform on [-1, 1]^k as in the authors' 2-D code (on grid25 it did
-    not cover more modes than normal z: see README)"""
+    not cover more modes than normal z: see docs/unrolled_mdgan.md)"""
 
     # the method
     embedding_dim: int = 9
@@ -208,7 +208,7 @@ TOY_OUTPUT_BOUND = 6.0  # the authors' 2-D generator ends in 6 tanh: every mixtu
 
 class ToyGenerator(nn.Module):
     """The authors' 2-D generator: z -> 128 -> 128 -> 2 with ReLU and a bounded output, 6 tanh (on grid25 it covered
-    23.6 modes on average over 5 seeds against 21.4 with a linear output, see README)."""
+    23.6 modes on average over 5 seeds against 21.4 with a linear output, see docs/unrolled_mdgan.md)."""
 
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -302,7 +302,8 @@ if __name__ == "__main__":
         )
     if args.lr_halve_every < 0:
         eval_fid.fail(f"--lr-halve-every must be >= 0 steps (0: constant), got {args.lr_halve_every}")
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    checkpoint_file = args.resume
+    checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file else None
     if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
         eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
     if checkpoint and checkpoint["args"].get("latent", "normal") != args.latent:  # before --latent, z was normal
@@ -374,26 +375,25 @@ if __name__ == "__main__":
                 group["lr"] = scheduled_lr(lr, step, args.lr_halve_every)
 
     start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, float("inf"), []
-    if checkpoint:
+    if checkpoint:  # its networks and optimisers
         try:
             generator.load_state_dict(checkpoint["generator"])
             discriminator.load_state_dict(checkpoint["discriminator"])
             optimizer_g.load_state_dict(checkpoint["optimizer_g"])
             optimizer_d.load_state_dict(checkpoint["optimizer_d"])
         except (RuntimeError, ValueError, KeyError) as e:
-            eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
+            eval_fid.fail(f"{checkpoint_file} does not match these networks/args: {' '.join(str(e).split())[:200]}")
+    if args.resume:  # and where the run stopped: counters, history, random state
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
-        set_learning_rates(global_step)  # the command line wins: a resumed run may change its rates
-        train_seconds, best_metric, history = (
-            checkpoint["train_seconds"],
-            checkpoint["best_metric"],
-            checkpoint["history"],
-        )
+        train_seconds, best_metric = checkpoint["train_seconds"], checkpoint["best_metric"]
+        history = checkpoint["history"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
+    # The command line wins over a checkpoint: a resumed run may change its learning rates.
+    set_learning_rates(global_step)
 
     # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
     run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))

@@ -193,8 +193,9 @@ if __name__ == "__main__":
         eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
     if args.sinkhorn_eps <= 0 or args.sinkhorn_iters < 1 or args.n_gen < 1:
         eval_fid.fail("--sinkhorn-eps must be > 0, --sinkhorn-iters and --n-gen >= 1")
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_file = args.resume
+    checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file else None
+    run_name = checkpoint["run_name"] if args.resume else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -231,28 +232,27 @@ if __name__ == "__main__":
     optimizer_c = torch.optim.Adam(critic.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
     start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, float("inf"), []
-    if checkpoint:
+    if checkpoint:  # its networks and optimisers
         try:
             generator.load_state_dict(checkpoint["generator"])
             critic.load_state_dict(checkpoint["critic"])
             optimizer_g.load_state_dict(checkpoint["optimizer_g"])
             optimizer_c.load_state_dict(checkpoint["optimizer_c"])
         except (RuntimeError, ValueError, KeyError) as e:
-            eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
-        for optimizer in (optimizer_g, optimizer_c):
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr  # the command line wins: a resumed run may change its learning rate
+            eval_fid.fail(f"{checkpoint_file} does not match these networks/args: {' '.join(str(e).split())[:200]}")
+    if args.resume:  # and where the run stopped: counters, history, random state
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
-        train_seconds, best_metric, history = (
-            checkpoint["train_seconds"],
-            checkpoint["best_metric"],
-            checkpoint["history"],
-        )
+        train_seconds, best_metric = checkpoint["train_seconds"], checkpoint["best_metric"]
+        history = checkpoint["history"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
+    # The command line wins over a checkpoint: a resumed run may change its learning rates.
+    for optimizer in (optimizer_g, optimizer_c):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
 
     # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
     run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))

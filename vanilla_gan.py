@@ -85,7 +85,7 @@ class Args:
 
 
 class Generator(nn.Module):
-    """The course's imposed MLP: z -> 256 -> 512 -> 1024 -> 784, LeakyReLU(0.2), Tanh."""
+    """The imposed MLP: z -> 256 -> 512 -> 1024 -> 784, LeakyReLU(0.2), Tanh."""
 
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -106,7 +106,6 @@ class Discriminator(nn.Module):
     def __init__(self, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(),
             nn.Linear(784, 1024), nn.LeakyReLU(0.2), nn.Dropout(dropout),
             nn.Linear(1024, 512), nn.LeakyReLU(0.2), nn.Dropout(dropout),
             nn.Linear(512, 256), nn.LeakyReLU(0.2), nn.Dropout(dropout),
@@ -114,7 +113,7 @@ class Discriminator(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(1)
+        return self.net(x.flatten(1)).squeeze(1)
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -135,7 +134,12 @@ def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor, gamma: float) -> t
 
 @torch.no_grad()
 def generate(generator: nn.Module, noise: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([generator(noise[i : i + batch_size]).float() for i in range(0, len(noise), batch_size)])
+    """Samples in eval mode (batch norm uses its running statistics), then back to training mode."""
+    generator.eval()
+    batches = range(0, len(noise), batch_size)
+    samples = torch.cat([generator(noise[i : i + batch_size]).float() for i in batches])
+    generator.train()
+    return samples
 
 
 def load_checkpoint(path: str) -> dict:
@@ -147,8 +151,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_samples <= 3:  # precision/recall use k=3 nearest neighbours: fail now, not after training
         eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_file = args.resume
+    checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file else None
+    run_name = checkpoint["run_name"] if args.resume else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -159,7 +164,7 @@ if __name__ == "__main__":
 
     # MNIST as one [-1, 1] tensor on the device; batches are index slices, no per-sample PIL work.
     try:
-        train_images = eval_fid.load_mnist(args.data_dir, train=True)[0][: args.num_train_images]
+        train_images = eval_fid.load_mnist(args.data_dir, train=True)[0]
         evaluator = eval_fid.Evaluator(
             args.data_dir, args.inception_weights, args.cache_dir, str(device), reference_size=args.reference_size
         )
@@ -167,7 +172,7 @@ if __name__ == "__main__":
         evaluator.inception()
     except eval_fid.EvalError as e:
         eval_fid.fail(str(e))
-    train_images = (train_images.float() / 127.5 - 1).unsqueeze(1).to(device)
+    train_images = (train_images[: args.num_train_images].float() / 127.5 - 1).unsqueeze(1).to(device)
     steps_per_epoch = len(train_images) // args.batch_size
     if steps_per_epoch == 0:
         eval_fid.fail(f"--num-train-images {len(train_images)} is smaller than one batch of {args.batch_size}")
@@ -184,28 +189,27 @@ if __name__ == "__main__":
     )
 
     start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, float("inf"), []
-    if checkpoint:
+    if checkpoint:  # its networks and optimisers
         try:
             generator.load_state_dict(checkpoint["generator"])
             discriminator.load_state_dict(checkpoint["discriminator"])
             optimizer_g.load_state_dict(checkpoint["optimizer_g"])
             optimizer_d.load_state_dict(checkpoint["optimizer_d"])
         except (RuntimeError, ValueError, KeyError) as e:
-            eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
-        for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_d, args.lr_d)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr  # the command line wins: a resumed run may change its learning rates
+            eval_fid.fail(f"{checkpoint_file} does not match these networks/args: {' '.join(str(e).split())[:200]}")
+    if args.resume:  # and where the run stopped: counters, history, random state
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
-        train_seconds, best_metric, history = (
-            checkpoint["train_seconds"],
-            checkpoint["best_metric"],
-            checkpoint["history"],
-        )
+        train_seconds, best_metric = checkpoint["train_seconds"], checkpoint["best_metric"]
+        history = checkpoint["history"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
+    # The command line wins over a checkpoint: a resumed run may change its learning rates.
+    for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_d, args.lr_d)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
     # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
     run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))
@@ -240,13 +244,14 @@ if __name__ == "__main__":
 
     checkpoint_path, best_path = f"{run_dir}/checkpoint.pt", f"{run_dir}/best.pt"
     for epoch in range(start_epoch + 1, args.epochs + 1):
-        epoch_start = time.time()
+        epoch_start, epoch_start_step = time.time(), global_step
         order = torch.randperm(len(train_images), generator=batch_order).to(device)
         for step_in_epoch in range(steps_per_epoch):
-            real = train_images[order[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]]
-            z = torch.randn(args.batch_size, args.latent_dim, device=device)
+            batch = order[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]
+            real = train_images[batch]
 
             # Discriminator step: real and fake in one forward pass (no batch norm, so it is the same math).
+            z = torch.randn(args.batch_size, args.latent_dim, device=device)
             real.requires_grad_(args.r1_gamma > 0)
             with autocast:
                 fake = generator(z)
@@ -284,11 +289,11 @@ if __name__ == "__main__":
                 writer.add_scalar("losses/r1_penalty", r1.item(), global_step)
                 writer.add_scalar("charts/D(x)", d_real, global_step)
                 writer.add_scalar("charts/D(G(z))", d_fake, global_step)
-                steps_per_second = (step_in_epoch + 1) / (time.time() - epoch_start)
-                writer.add_scalar("charts/steps_per_second", steps_per_second, global_step)
+                steps_per_second = (global_step - epoch_start_step) / (time.time() - epoch_start)
+                writer.add_scalar("charts/generator_steps_per_second", steps_per_second, global_step)
                 print(
                     f"epoch {epoch} step {global_step}: d_loss {d_value:.3f} g_loss {g_value:.3f} "
-                    f"D(x) {d_real:.3f} D(G(z)) {d_fake:.3f} | {steps_per_second:.0f} steps/s"
+                    f"D(x) {d_real:.3f} D(G(z)) {d_fake:.3f} | {steps_per_second:.1f} G steps/s"
                 )
         train_seconds += time.time() - epoch_start
         writer.add_scalar("charts/epoch_seconds", time.time() - epoch_start, global_step)
@@ -300,9 +305,8 @@ if __name__ == "__main__":
             grid = torchvision.utils.make_grid(samples[:64], nrow=8, normalize=True, value_range=(-1, 1))
             writer.add_image("samples", grid, global_step)
             torchvision.utils.save_image(grid, f"{run_dir}/samples_epoch{epoch:03d}.png")
-            writer.add_scalar("eval/classifier_fid", metrics["classifier_fid"], global_step)
-            writer.add_scalar("eval/digits_covered", metrics["digits_covered"], global_step)
-            writer.add_scalar("eval/kl_to_uniform", metrics["kl_to_uniform"], global_step)
+            for key in ("classifier_fid", "digits_covered", "kl_to_uniform"):
+                writer.add_scalar(f"eval/{key}", metrics[key], global_step)
             print(
                 f"epoch {epoch}: classifier FID {metrics['classifier_fid']:.2f}, "
                 f"{metrics['digits_covered']}/10 digits, {train_seconds:.0f}s of training"

@@ -94,15 +94,13 @@ class Generator(nn.Module):
 
     def __init__(self, latent_dim: int, batch_norm: bool):
         super().__init__()
-        layers, width = [], latent_dim
-        for hidden in (256, 512, 1024):
-            layers += [
-                nn.Linear(width, hidden),
-                nn.BatchNorm1d(hidden) if batch_norm else nn.Identity(),
-                nn.LeakyReLU(0.2),
-            ]
-            width = hidden
-        self.net = nn.Sequential(*layers, nn.Linear(width, 784), nn.Tanh())
+        norm = nn.BatchNorm1d if batch_norm else (lambda width: nn.Identity())
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 256), norm(256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 512), norm(512), nn.LeakyReLU(0.2),
+            nn.Linear(512, 1024), norm(1024), nn.LeakyReLU(0.2),
+            nn.Linear(1024, 784), nn.Tanh(),
+        )  # fmt: skip
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(-1, 1, 28, 28)
@@ -114,7 +112,6 @@ class Critic(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(),
             nn.Linear(784, 1024), nn.LeakyReLU(0.2),
             nn.Linear(1024, 512), nn.LeakyReLU(0.2),
             nn.Linear(512, 256), nn.LeakyReLU(0.2),
@@ -122,7 +119,7 @@ class Critic(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(1)
+        return self.net(x.flatten(1)).squeeze(1)
 
 
 @torch.no_grad()
@@ -142,7 +139,8 @@ def critic_steps_for(generator_step: int, args: Args) -> int:
 def generate(generator: nn.Module, noise: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Samples in eval mode (batch norm uses its running statistics), then back to training mode."""
     generator.eval()
-    samples = torch.cat([generator(noise[i : i + batch_size]).float() for i in range(0, len(noise), batch_size)])
+    batches = range(0, len(noise), batch_size)
+    samples = torch.cat([generator(noise[i : i + batch_size]).float() for i in batches])
     generator.train()
     return samples
 
@@ -156,8 +154,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_samples <= 3:  # precision/recall use k=3 nearest neighbours: fail now, not after training
         eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_file = args.resume
+    checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file else None
+    run_name = checkpoint["run_name"] if args.resume else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -190,31 +189,30 @@ if __name__ == "__main__":
     optimizer_g = torch.optim.RMSprop(generator.parameters(), lr=args.lr_g, foreach=True)
     optimizer_c = torch.optim.RMSprop(critic.parameters(), lr=args.lr_critic, foreach=True)
 
-    start_epoch, global_step, critic_step, train_seconds, best_metric, history = 0, 0, 0, 0.0, float("inf"), []
-    critic_steps_since_g = 0
-    if checkpoint:
+    start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, float("inf"), []
+    critic_step, critic_steps_since_g = 0, 0
+    if checkpoint:  # its networks and optimisers
         try:
             generator.load_state_dict(checkpoint["generator"])
             critic.load_state_dict(checkpoint["critic"])
             optimizer_g.load_state_dict(checkpoint["optimizer_g"])
             optimizer_c.load_state_dict(checkpoint["optimizer_c"])
         except (RuntimeError, ValueError, KeyError) as e:
-            eval_fid.fail(f"{args.resume} does not match these networks/args: {' '.join(str(e).split())[:200]}")
-        start_epoch, global_step, critic_step = (
-            checkpoint["epoch"],
-            checkpoint["global_step"],
-            checkpoint["critic_step"],
-        )
-        critic_steps_since_g, train_seconds = checkpoint["critic_steps_since_g"], checkpoint["train_seconds"]
-        best_metric, history = checkpoint["best_metric"], checkpoint["history"]
+            eval_fid.fail(f"{checkpoint_file} does not match these networks/args: {' '.join(str(e).split())[:200]}")
+    if args.resume:  # and where the run stopped: counters, history, random state
+        start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
+        train_seconds, best_metric = checkpoint["train_seconds"], checkpoint["best_metric"]
+        history = checkpoint["history"]
+        critic_step, critic_steps_since_g = checkpoint["critic_step"], checkpoint["critic_steps_since_g"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         batch_order.set_state(checkpoint["rng"]["batch_order"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-        for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_c, args.lr_critic)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr  # the command line wins: a resumed run may change its learning rates
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
+    # The command line wins over a checkpoint: a resumed run may change its learning rates.
+    for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_c, args.lr_critic)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
     # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
     run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))

@@ -157,12 +157,12 @@ def critic_steps_for(generator_step: int, args: Args) -> int:
 
 @torch.no_grad()
 def generate(generator: nn.Module, noise: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat(
-        [
-            generator(noise[i : i + batch_size], labels[i : i + batch_size]).float()
-            for i in range(0, len(noise), batch_size)
-        ]
-    )
+    """Samples in eval mode (batch norm uses its running statistics), then back to training mode."""
+    generator.eval()
+    batches = range(0, len(noise), batch_size)
+    samples = torch.cat([generator(noise[i : i + batch_size], labels[i : i + batch_size]).float() for i in batches])
+    generator.train()
+    return samples
 
 
 def load_checkpoint(path: str) -> dict:
@@ -176,7 +176,8 @@ if __name__ == "__main__":
         eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
     if args.resume and args.fine_tune_from:
         eval_fid.fail("--resume continues a run and --fine-tune-from starts a new one: give only one")
-    checkpoint = load_checkpoint(args.resume or args.fine_tune_from) if (args.resume or args.fine_tune_from) else None
+    checkpoint_file = args.resume or args.fine_tune_from
+    checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file else None
     run_name = checkpoint["run_name"] if args.resume else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
@@ -213,32 +214,26 @@ if __name__ == "__main__":
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
     optimizer_c = torch.optim.Adam(critic.parameters(), lr=args.lr_critic, betas=(args.beta1, args.beta2), fused=fused)
 
-    start_epoch, global_step, critic_step, train_seconds, best_metric, history = 0, 0, 0, 0.0, float("inf"), []
-    critic_steps_since_g = 0
-    if checkpoint:
+    start_epoch, global_step, train_seconds, best_metric, history = 0, 0, 0.0, float("inf"), []
+    critic_step, critic_steps_since_g = 0, 0
+    if checkpoint:  # its networks and optimisers
         try:
             generator.load_state_dict(checkpoint["generator"])
             critic.load_state_dict(checkpoint["critic"])
             optimizer_g.load_state_dict(checkpoint["optimizer_g"])
             optimizer_c.load_state_dict(checkpoint["optimizer_c"])
         except (RuntimeError, ValueError, KeyError) as e:
-            eval_fid.fail(
-                f"{args.resume or args.fine_tune_from} does not match these networks/args: "
-                f"{' '.join(str(e).split())[:200]}"
-            )
-        if args.resume:
-            start_epoch, global_step, critic_step = (
-                checkpoint["epoch"],
-                checkpoint["global_step"],
-                checkpoint["critic_step"],
-            )
-            critic_steps_since_g, train_seconds = checkpoint["critic_steps_since_g"], checkpoint["train_seconds"]
-            best_metric, history = checkpoint["best_metric"], checkpoint["history"]
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            batch_order.set_state(checkpoint["rng"]["batch_order"])
-            if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-            print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
+            eval_fid.fail(f"{checkpoint_file} does not match these networks/args: {' '.join(str(e).split())[:200]}")
+    if args.resume:  # and where the run stopped: counters, history, random state
+        start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
+        train_seconds, best_metric = checkpoint["train_seconds"], checkpoint["best_metric"]
+        history = checkpoint["history"]
+        critic_step, critic_steps_since_g = checkpoint["critic_step"], checkpoint["critic_steps_since_g"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        batch_order.set_state(checkpoint["rng"]["batch_order"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
     # The command line wins over a checkpoint: a resumed or fine-tuned run may change (scale) its learning rates.
     for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_c, args.lr_critic)):
         for group in optimizer.param_groups:

@@ -1,7 +1,7 @@
 """Ablation of dcgan.py's tricks: every flag against the plain DCGAN at one budget, printed as a Markdown table.
 
 Each configuration is a separate `dcgan.py` run with the same seed, epochs and evaluation; extra arguments go to
-every run. Not a test (pytest collects only test_*.py). The README's table came from:
+every run. Not a test (pytest collects only test_*.py). docs/dcgan.md's table came from:
   python benchmark/ablation_dcgan.py --epochs 2 --eval-samples 1000 -- --bf16 --data-dir ../shared/data \
       --inception-weights ../shared/weights/pt_inception-2015-12-05-pool3.pth
 """
@@ -48,19 +48,9 @@ def main():
             continue
         exp_name = "dcgan_ablation_" + ("_".join(f.strip("-") for f in flags) or "plain")
         command = [
-            sys.executable,
-            str(REPO / "dcgan.py"),
-            "--exp-name",
-            exp_name,
-            "--seed",
-            str(args.seed),
-            "--epochs",
-            str(args.epochs),
-            "--eval-samples",
-            str(args.eval_samples),
-            *flags,
-            *args.extra,
-        ]
+            sys.executable, str(REPO / "dcgan.py"), "--exp-name", exp_name, "--seed", str(args.seed),
+            "--epochs", str(args.epochs), "--eval-samples", str(args.eval_samples), *flags, *args.extra,
+        ]  # fmt: skip
         started = time.time()
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:

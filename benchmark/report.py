@@ -6,18 +6,22 @@ Run: python benchmark/report.py   (after python benchmark/run_benchmark.py)
 
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import index_results  # noqa: E402  (one headline per run)
 import run_benchmark  # noqa: E402  (the table of rows lives there)
 
 REPO = run_benchmark.REPO
 TABLE_START, TABLE_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+METHODS_START, METHODS_END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
 CURVES_START, CURVES_END = "<!-- results-curves:start -->", "<!-- results-curves:end -->"
 HEADLINE = ("fid", "kid", "precision", "recall")
 EXTRA = (
@@ -30,6 +34,23 @@ EXTRA = (
 )
 
 
+# The README's method table: script, what it is (paper), its docs page, and the earlier (pre-protocol) run in results/
+# that the headline cell quotes, labelled as such, until the method has a row under the protocol.
+METHODS = [
+    ("vanilla_gan", "GAN, non-saturating loss, imposed MLPs, optional R1 (Goodfellow et al. 2014; Mescheder et al. 2018)", "vanilla_gan.md", "vanilla_gan/vanilla_gan__1__1795430833/metrics.json"),
+    ("wgan_clip", "WGAN, weight clipping, RMSProp (Arjovsky et al. 2017)", "wgan.md", "wgan_clip/wgan_clip__1__1795534540/metrics.json"),
+    ("wgan_gp", "WGAN-GP, gradient penalty, optional labels and fine-tuning (Gulrajani et al. 2017)", "wgan.md", "wgan_gp/wgan_gp__1__1795532700/metrics.json"),
+    ("dcgan", "DCGAN and the practical guide's tricks, each a flag (Radford et al. 2015; Salimans et al. 2016)", "dcgan.md", "dcgan/dcgan__1__1795462398/metrics.json"),
+    ("unrolled_gan", "Unrolled GAN: G's loss through K unrolled D updates; 2-D mixtures or MNIST (Metz et al. 2016)", "unrolled_mdgan.md", "unrolled_gan/unrolled_gan_K5_lr2e-6__mnist__1__1795448495/metrics.json"),
+    ("mdgan", "Mixture Density GAN: D embeds into a Gaussian mixture (Eghbal-zadeh et al. 2019)", "unrolled_mdgan.md", "mdgan/mdgan__mnist__1__1795443311/metrics.json"),
+    ("otgan", "OT-GAN: mini-batch Sinkhorn energy distance in a learned cost (Salimans et al. 2018)", "otgan.md", "otgan/otgan__1__1795474175/metrics.json"),
+    ("cyclegan", "CycleGAN between MNIST and USPS (Zhu et al. 2017)", "cyclegan.md", "cyclegan/cyclegan__1__1795489648/metrics.json"),
+    ("latent_adapt", "post-hoc: class-wise latent Gaussians, exactly N samples per digit", "post_hoc.md", "latent_adapt/latent_adapt__vanilla_gan__1__1795451424__1__1795455496/metrics.json"),
+    ("drs", "post-hoc: Discriminator Rejection Sampling, Platt-calibrated (Azadi et al. 2019)", "post_hoc.md", "drs/drs__vanilla_gan__1__1795451424__1__1795455981/metrics.json"),
+    ("eval_fid", "FID, KID, precision/recall, the fast classifier metric; module and CLI", "evaluation.md", None),
+]  # fmt: skip
+
+
 @dataclass
 class Args:
     work_dir: str = str(REPO / "benchmark" / "work")
@@ -37,7 +58,9 @@ class Args:
     results_dir: str = str(REPO / "results")
     """writes summary.json, curves.png and a copy of every run's metrics.json (METHOD/VARIANT/seedN.json) here"""
     readme: str = str(REPO / "README.md")
-    """the file whose results table (between the marker comments) is regenerated; '' to leave it alone"""
+    """the file whose method and results tables (between the marker comments) are regenerated; '' to leave it alone"""
+    docs_dir: str = str(REPO / "docs")
+    """pages whose <!-- results-table:METHOD,...:start/end --> markers get those methods' rows; '' to leave them"""
 
 
 def scored_generators(metrics: dict) -> dict:
@@ -133,9 +156,58 @@ def markdown_table(rows: list) -> str:
 
 def replace_between(text: str, start: str, end: str, body: str) -> str:
     if start not in text or end not in text:
-        raise SystemExit(f"error: the README has no {start} ... {end} markers to write between")
+        raise SystemExit(f"error: no {start} ... {end} markers to write between")
     head, rest = text.split(start, 1)
     return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
+def headline(method: str, rows: list, earlier_run: Optional[str] = None, results_dir: Path = REPO / "results") -> str:
+    """One result per method for the README: its first row in the table's order, the best generator if scored;
+    without a row, the earlier run's own headline, labelled as made before the protocol."""
+    mine = [row for row in rows if row["method"] == method]
+    if method == "eval_fid":
+        mine = [row for row in rows if row["method"] == "mnist_train"]
+    if not mine:
+        if earlier_run and (results_dir / earlier_run).exists():
+            earlier = json.loads((results_dir / earlier_run).read_text())
+            epochs = f", {earlier['epochs']} epochs" if earlier.get("epochs") else ""
+            return (
+                f"not run under the protocol yet; an earlier single-seed run: {index_results.headline(earlier)}{epochs}"
+            )
+        return "not run under the protocol yet"
+    variant = mine[0]["variant"]
+    by_generator = {row["generator"]: row for row in mine if row["variant"] == variant}
+    seeds = len(mine[0]["seeds"])
+    where = f"{variant}, {seeds} seed{'s' if seeds > 1 else ''}, {mine[0]['num_samples']} samples"
+    if "base" in by_generator:  # a post-hoc sampler: base -> improved
+        base, improved = by_generator.pop("base"), next(iter(by_generator.values()))
+        return f"FID {cell(base.get('fid'), 2)} -> {cell(improved.get('fid'), 2)} ({where})"
+    row = by_generator.get("best") or next(iter(by_generator.values()))
+    budget = f", {row['epochs']} epochs" if row["epochs"] else ""
+    return f"FID {cell(row.get('fid'), 2)} ({row['generator']}, {where}{budget})"
+
+
+def methods_table(rows: list, results_dir: Path) -> str:
+    lines = ["| script | method | headline result (benchmark protocol) | docs |", "|---|---|---|---|"]
+    for method, what, page, earlier_run in METHODS:
+        cell = headline(method, rows, earlier_run, results_dir)
+        lines.append(f"| `{method}.py` | {what} | {cell} | [{page}](docs/{page}) |")
+    return "\n".join(lines)
+
+
+def update_docs(docs_dir: Path, rows: list) -> None:
+    """Each page's results-table markers get the rows of the methods they name."""
+    for page in sorted(docs_dir.glob("*.md")):
+        text = page.read_text()
+        for methods in re.findall(r"<!-- results-table:([a-z_,]+):start -->", text):
+            wanted = methods.split(",")
+            body = markdown_table([row for row in rows if row["method"] in wanted])
+            if body == NO_ROWS:
+                body = f"No {' or '.join(wanted)} row has been run under the protocol yet: `python benchmark/run_benchmark.py --only {' '.join(wanted)}`, then `python benchmark/report.py`."
+            text = replace_between(
+                text, f"<!-- results-table:{methods}:start -->", f"<!-- results-table:{methods}:end -->", body
+            )
+        page.write_text(text)
 
 
 def plot_curves(runs: dict, path: Path) -> None:
@@ -200,12 +272,17 @@ def main(args: Args) -> list:
     rows = summary_rows(copies)
     results.mkdir(parents=True, exist_ok=True)
     (results / "summary.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    plot_curves(runs, results / "curves.png")
+    if runs:
+        plot_curves(runs, results / "curves.png")
     if args.readme:
         readme = Path(args.readme)
         text = replace_between(readme.read_text(), TABLE_START, TABLE_END, markdown_table(rows))
+        text = replace_between(text, METHODS_START, METHODS_END, methods_table(rows, results))
         image = f"![fast metric against epoch and training minutes]({os.path.relpath(results / 'curves.png', readme.parent)})"
+        image = image if runs else "No learning curves yet: they are drawn from the rows' runs."
         readme.write_text(replace_between(text, CURVES_START, CURVES_END, image))
+    if args.docs_dir:
+        update_docs(Path(args.docs_dir), rows)
     print(f"{len(rows)} rows from {len(runs)} runs -> {results / 'summary.json'}")
     return rows
 

@@ -5,7 +5,7 @@ chosen, not measured. This draws new noise batches the run never saw and reports
 high-quality share of each, with the run's own metric and threshold.
 
 Run: python benchmark/rescore_toy_checkpoints.py runs/RUN/best.pt runs/RUN/checkpoint.pt --noise-seeds 1000 1001 1002
-Prints a Markdown table; README.md quotes its output.
+Prints a Markdown table; docs/unrolled_mdgan.md quotes its output.
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Speed of vanilla_gan.py against the pure-compute floor of its nets and a DataLoader-fed loop (not a test).
 
 Run: python benchmark/speed_vanilla_gan.py --data-dir ../shared/data --inception-weights ../shared/weights/pt_inception-2015-12-05-pool3.pth
-Prints a Markdown table; README.md quotes its output.
+Prints a Markdown table; docs/vanilla_gan.md quotes its output (results/vanilla_gan/speed_vanilla_gan.txt).
 """
 
 import json
@@ -75,23 +75,10 @@ def time_script_epoch(args: BenchArgs, bf16: bool) -> float:
     """Seconds of training per epoch of vanilla_gan.py itself (its own clock, evaluation excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [
-            sys.executable,
-            str(REPO / "vanilla_gan.py"),
-            "--data-dir",
-            str(Path(args.data_dir).resolve()),
-            "--epochs",
-            str(args.epochs),
-            "--eval-every",
-            "1000",
-            "--eval-samples",
-            "64",
-            "--reference-size",
-            "64",
-            "--log-every",
-            "100000",
-            "--batch-size",
-            str(args.batch_size),
-        ]
+            sys.executable, str(REPO / "vanilla_gan.py"), "--data-dir", str(Path(args.data_dir).resolve()),
+            "--epochs", str(args.epochs), "--eval-every", "1000", "--eval-samples", "64", "--reference-size", "64",
+            "--log-every", "100000", "--batch-size", str(args.batch_size),
+        ]  # fmt: skip
         if args.inception_weights:
             command += ["--inception-weights", str(Path(args.inception_weights).resolve())]
         if bf16:

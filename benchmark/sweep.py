@@ -141,20 +141,10 @@ def main(args: Args) -> int:
                 continue
             folder.mkdir(parents=True, exist_ok=True)
             cmd = [
-                sys.executable,
-                str(REPO / f"{script}.py"),
-                "--seed",
-                str(seed),
-                "--epochs",
-                str(epochs),
-                *common,
-                *variants[variant],
-                "--data-dir",
-                args.data_dir,
-                "--inception-weights",
-                args.inception_weights,
-                *(["--resume", checkpoint] if checkpoint else []),
-            ]
+                sys.executable, str(REPO / f"{script}.py"), "--seed", str(seed),
+                "--epochs", str(epochs), *common, *variants[variant], "--data-dir", args.data_dir,
+                "--inception-weights", args.inception_weights, *(["--resume", checkpoint] if checkpoint else []),
+            ]  # fmt: skip
             core = free_cores.pop(0)
             log = open(folder / "log.txt", "a")
             print(f"{time.strftime('%H:%M:%S')} {variant}/seed{seed} on core {core}: {' '.join(cmd)}", flush=True)

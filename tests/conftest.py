@@ -63,19 +63,9 @@ def cache_dir(tmp_path_factory) -> Path:
 def tiny_mnist_flags(cache_dir: Path) -> list:
     """Offline data and weights, the session cache, 128 training images, FID on 16 samples against 16 test images."""
     return [
-        "--data-dir",
-        DATA_DIR,
-        "--inception-weights",
-        INCEPTION_WEIGHTS,
-        "--cache-dir",
-        cache_dir,
-        "--num-train-images",
-        128,
-        "--eval-samples",
-        16,
-        "--reference-size",
-        16,
-    ]
+        "--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
+        "--num-train-images", 128, "--eval-samples", 16, "--reference-size", 16,
+    ]  # fmt: skip
 
 
 def run_script(script: str, *args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -204,6 +194,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def assert_same_weights(expected: dict, actual: dict, *parts: str) -> None:
+    """Every tensor of each network in `parts` is bit-identical in two checkpoints (e.g. resumed vs uninterrupted)."""
+    import torch
+
+    for part in parts:
+        assert expected[part].keys() == actual[part].keys(), part
+        for name, tensor in expected[part].items():
+            assert torch.equal(tensor, actual[part][name]), (part, name)
 
 
 def assert_divergence_stops_at_the_last_good_checkpoint(script: str, run_dir: Path, cwd: Path, *flags) -> None:

@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-import report
 
+import report
 import run_benchmark
 
 
@@ -119,18 +119,29 @@ def benchmark_folder(tmp_path):
     (floor / "metrics.json").write_text(json.dumps(scores(2.0, 0.0001)))
     readme = tmp_path / "README.md"
     readme.write_text(
-        f"# x\n{report.TABLE_START}\nold\n{report.TABLE_END}\n{report.CURVES_START}\n{report.CURVES_END}\nend\n"
+        f"# x\n{report.METHODS_START}\nold\n{report.METHODS_END}\n{report.TABLE_START}\nold\n{report.TABLE_END}\n"
+        f"{report.CURVES_START}\n{report.CURVES_END}\nend\n"
+    )
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "wgan.md").write_text(
+        "# WGAN\n<!-- results-table:wgan_clip,wgan_gp:start -->\nold\n<!-- results-table:wgan_clip,wgan_gp:end -->\n"
+        "<!-- results-table:vanilla_gan:start -->\nold\n<!-- results-table:vanilla_gan:end -->\nend\n"
     )
     return tmp_path
 
 
+def report_args(tmp_path):
+    return report.Args(
+        work_dir=str(tmp_path / "work"),
+        results_dir=str(tmp_path / "results"),
+        readme=str(tmp_path / "README.md"),
+        docs_dir=str(tmp_path / "docs"),
+    )
+
+
 def test_the_report_writes_summary_rows_with_mean_std_and_values(benchmark_folder):
     tmp_path = benchmark_folder
-    report.main(
-        report.Args(
-            work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md")
-        )
-    )
+    report.main(report_args(tmp_path))
     rows = json.loads((tmp_path / "results" / "summary.json").read_text())["rows"]
     by_key = {(r["method"], r["variant"], r["generator"]): r for r in rows}
     assert set(by_key) == {
@@ -154,11 +165,7 @@ def test_the_report_writes_summary_rows_with_mean_std_and_values(benchmark_folde
 
 def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_folder):
     tmp_path = benchmark_folder
-    report.main(
-        report.Args(
-            work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md")
-        )
-    )
+    report.main(report_args(tmp_path))
     readme = (tmp_path / "README.md").read_text()
     assert "old" not in readme and readme.endswith("end\n")
     assert (
@@ -167,6 +174,15 @@ def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_
     )
     assert "| mnist_train | real-vs-real | real | 2.00 | 0.10 |" in readme
     assert "![fast metric against epoch and training minutes](results/curves.png)" in readme
+    methods = {line.split(" | ")[0]: line for line in readme.splitlines() if line.startswith("| `")}
+    assert "FID 21.00 ± 1.41 (best, default, 2 seeds, 10000 samples, 100 epochs)" in methods["| `vanilla_gan.py`"]
+    assert (
+        "not run under the protocol yet" in methods["| `wgan_gp.py`"] and "(docs/wgan.md)" in methods["| `wgan_gp.py`"]
+    )
+    assert "FID 2.00 (real, real-vs-real, 1 seed, 10000 samples)" in methods["| `eval_fid.py`"]  # the floor
+    page = (tmp_path / "docs" / "wgan.md").read_text()
+    assert "old" not in page and page.endswith("end\n") and "| vanilla_gan | default | best | 21.00 ± 1.41 |" in page
+    assert "No wgan_clip or wgan_gp row has been run under the protocol yet" in page and "cyclegan" not in page
     from PIL import Image
 
     with Image.open(tmp_path / "results" / "curves.png") as image:
@@ -175,8 +191,33 @@ def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_
 
 def test_the_report_without_finished_runs_says_so_instead_of_an_empty_table(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"{report.TABLE_START}\nold\n{report.TABLE_END}\n{report.CURVES_START}\n{report.CURVES_END}\n")
-    rows = report.main(
-        report.Args(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(readme))
+    readme.write_text(
+        f"{report.METHODS_START}\n{report.METHODS_END}\n{report.TABLE_START}\nold\n{report.TABLE_END}\n"
+        f"{report.CURVES_START}\n{report.CURVES_END}\n"
     )
-    assert rows == [] and report.NO_ROWS in readme.read_text() and "| method |" not in readme.read_text()
+    rows = report.main(
+        report.Args(
+            work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme=str(readme), docs_dir=""
+        )
+    )
+    assert rows == [] and report.NO_ROWS in readme.read_text() and "| method | variant |" not in readme.read_text()
+
+
+def test_the_sweep_table_gives_median_and_range_over_seeds_of_finished_runs_only():
+    import sweep
+
+    def run(*fids, digits=10):
+        return {
+            "history": [{"epoch": i + 1, "classifier_fid": f, "digits_covered": digits} for i, f in enumerate(fids)]
+        }
+
+    runs = {
+        "default": {1: run(50.0, 30.0, 40.0), 2: run(60.0, 20.0, 45.0, digits=7), 3: run(70.0, 25.0, 35.0)},
+        "unfinished": {1: run(50.0)},
+    }
+    table = sweep.summarise(runs, epochs=3)
+    (line,) = [row for row in table.splitlines() if row.startswith("| default")]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[1] == "1, 2, 3" and cells[2] == "25.0 [20.0, 30.0] (2, 2, 2)"  # best: median [min, max] (epochs)
+    assert cells[3] == "40.0 [35.0, 45.0]" and cells[5] == "10, 7, 10"
+    assert "unfinished" not in table

@@ -8,6 +8,7 @@ import torch
 import dcgan
 from conftest import (
     assert_divergence_stops_at_the_last_good_checkpoint,
+    assert_same_weights,
     needs_inception,
     needs_mnist,
     only_run_dir,
@@ -122,27 +123,10 @@ def test_discriminator_loss_with_smoothed_targets_is_the_cross_entropy():
 # --- end to end, tiny budgets --------------------------------------------------------------------------------------
 
 ALL_TRICKS = [
-    "--conditional",
-    "--real-label",
-    0.9,
-    "--fake-label",
-    0.1,
-    "--label-flip",
-    0.05,
-    "--replay-size",
-    128,
-    "--replay-every",
-    2,
-    "--minibatch-disc",
-    10,
-    3,
-    "--vbn",
-    "--vbn-reference-size",
-    8,
-    "--disc-bn",
-    "--kernel-size",
-    3,
-]
+    "--conditional", "--real-label", 0.9, "--fake-label", 0.1, "--label-flip", 0.05, "--replay-size", 128,
+    "--replay-every", 2, "--minibatch-disc", 10, 3, "--vbn", "--vbn-reference-size", 8, "--disc-bn",
+    "--kernel-size", 3,
+]  # fmt: skip
 
 
 def train(tmp_path, cache_dir, *extra, check=True):
@@ -164,9 +148,7 @@ def test_every_trick_at_once_trains_resumes_like_an_uninterrupted_run_and_report
     train(straight, cache_dir, *ALL_TRICKS, "--epochs", 2)
     after_resume = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     uninterrupted = torch.load(only_run_dir(straight) / "checkpoint.pt", weights_only=True)
-    for part in ("generator", "discriminator"):
-        for name, tensor in uninterrupted[part].items():
-            assert torch.equal(tensor, after_resume[part][name]), (part, name)
+    assert_same_weights(uninterrupted, after_resume, "generator", "discriminator")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= metrics["final"]["label_accuracy"] <= 1 and metrics["epochs"] == 2
     assert (run_dir / "samples_epoch002.png").exists()

@@ -83,23 +83,10 @@ def checkpoints(tmp_path_factory):
 
 def run_drs(tmp_path, cache_dir, checkpoint, *extra, check=True):
     tiny = [
-        "--data-dir",
-        DATA_DIR,
-        "--inception-weights",
-        INCEPTION_WEIGHTS,
-        "--cache-dir",
-        cache_dir,
-        "--num-samples",
-        16,
-        "--reference-size",
-        16,
-        "--burn-in",
-        64,
-        "--proposal-batch",
-        32,
-        "--calibration-size",
-        64,
-    ]
+        "--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
+        "--num-samples", 16, "--reference-size", 16, "--burn-in", 64, "--proposal-batch", 32,
+        "--calibration-size", 64,
+    ]  # fmt: skip
     tmp_path.mkdir(parents=True, exist_ok=True)
     return run_script("drs.py", checkpoint, *tiny, *extra, cwd=tmp_path, check=check)
 

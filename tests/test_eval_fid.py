@@ -12,6 +12,7 @@ import eval_fid
 from conftest import (
     DATA_DIR,
     INCEPTION_WEIGHTS,
+    assert_one_line_error,
     needs_inception,
     needs_mnist,
     run_script,
@@ -44,12 +45,6 @@ def fast_evaluator(cache_dir):
 
 def cli(*args, cwd, cache_dir, check=False):
     return run_script("eval_fid.py", *args, "--data-dir", DATA_DIR, "--cache-dir", cache_dir, cwd=cwd, check=check)
-
-
-def assert_one_line_error(result, fragment: str):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
 
 
 @needs_mnist

@@ -98,21 +98,9 @@ def test_latent_adapt_end_to_end_on_a_generator_of_real_digits(tmp_path, cache_d
         tmp_path / "templates.pt", generator, separating_discriminator(vanilla_gan.Discriminator(), generator)
     )
     tiny = [
-        "--data-dir",
-        DATA_DIR,
-        "--inception-weights",
-        INCEPTION_WEIGHTS,
-        "--cache-dir",
-        cache_dir,
-        "--reference-size",
-        16,
-        "--per-class",
-        3,
-        "--num-latents",
-        500,
-        "--batch-size",
-        100,
-    ]
+        "--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--cache-dir", cache_dir,
+        "--reference-size", 16, "--per-class", 3, "--num-latents", 500, "--batch-size", 100,
+    ]  # fmt: skip
     result = run_script("latent_adapt.py", checkpoint, *tiny, "--save-samples", tmp_path / "pngs", cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())

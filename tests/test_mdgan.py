@@ -101,21 +101,9 @@ def test_lr_halving_schedule_reaches_the_optimisers(tmp_path):
     assert [mdgan.scheduled_lr(1e-3, step, 10) for step in (0, 9, 10, 25)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
     assert mdgan.scheduled_lr(1e-3, 10**6, 0) == 1e-3  # --lr-halve-every 0: constant
     flags = [
-        "--dataset",
-        "grid9",
-        "--toy-steps-per-epoch",
-        20,
-        "--batch-size",
-        32,
-        "--eval-samples",
-        100,
-        "--lr-halve-every",
-        35,
-        "--lr-g",
-        1e-3,
-        "--lr-d",
-        2e-3,
-    ]
+        "--dataset", "grid9", "--toy-steps-per-epoch", 20, "--batch-size", 32, "--eval-samples", 100,
+        "--lr-halve-every", 35, "--lr-g", 1e-3, "--lr-d", 2e-3,
+    ]  # fmt: skip
     run_script("mdgan.py", *flags, "--epochs", 2, cwd=tmp_path)
     checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
     saved = torch.load(checkpoint, weights_only=True)  # 40 steps: halved once, at step 35

@@ -9,6 +9,7 @@ import torch
 import otgan
 from conftest import (
     assert_divergence_stops_at_the_last_good_checkpoint,
+    assert_same_weights,
     needs_inception,
     needs_mnist,
     only_run_dir,
@@ -110,9 +111,7 @@ def test_otgan_alternates_critic_and_generator_steps_and_resumes_like_an_uninter
     train(straight, cache_dir, "--epochs", 2, "--bf16")
     after_resume = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     uninterrupted = torch.load(only_run_dir(straight) / "checkpoint.pt", weights_only=True)
-    for part in ("generator", "critic"):
-        for name, tensor in uninterrupted[part].items():
-            assert torch.equal(tensor, after_resume[part][name]), (part, name)
+    assert_same_weights(uninterrupted, after_resume, "generator", "critic")
     # 8 steps with --n-gen 2: the critic takes steps 0, 3, 6 and the generator the other five (Adam counts them).
     critic_steps = {state["step"].item() for state in after_resume["optimizer_c"]["state"].values()}
     generator_steps = {state["step"].item() for state in after_resume["optimizer_g"]["state"].values()}

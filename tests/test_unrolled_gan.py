@@ -147,22 +147,9 @@ def test_standardized_run_scores_the_generators_points_scaled_back(tmp_path):
     tool scales a standardised checkpoint's outputs back the same way, and a checkpoint resumes only the way it was
     trained."""
     flags = [
-        "--dataset",
-        "grid9",
-        "--standardize",
-        "--unroll-steps",
-        1,
-        "--toy-steps-per-epoch",
-        5,
-        "--batch-size",
-        32,
-        "--eval-samples",
-        200,
-        "--epochs",
-        1,
-        "--save-samples",
-        tmp_path / "points",
-    ]
+        "--dataset", "grid9", "--standardize", "--unroll-steps", 1, "--toy-steps-per-epoch", 5, "--batch-size", 32,
+        "--eval-samples", 200, "--epochs", 1, "--save-samples", tmp_path / "points",
+    ]  # fmt: skip
     run_script("unrolled_gan.py", *flags, cwd=tmp_path)
     checkpoint = only_run_dir(tmp_path) / "checkpoint.pt"
     generator = ug.ToyGenerator(256)
@@ -209,23 +196,9 @@ def test_scatter_image_puts_points_where_they_are():
 
 def test_ring8_smoke_run_writes_metrics_scatter_plots_and_resumes(tmp_path):
     tiny = [
-        "--dataset",
-        "ring8",
-        "--unroll-steps",
-        2,
-        "--toy-steps-per-epoch",
-        20,
-        "--batch-size",
-        64,
-        "--eval-samples",
-        500,
-        "--log-every",
-        10,
-        "--generator-loss",
-        "minimax",
-        "--lr-halve-every",
-        15,
-    ]
+        "--dataset", "ring8", "--unroll-steps", 2, "--toy-steps-per-epoch", 20, "--batch-size", 64,
+        "--eval-samples", 500, "--log-every", 10, "--generator-loss", "minimax", "--lr-halve-every", 15,
+    ]  # fmt: skip
     result = run_script("unrolled_gan.py", *tiny, "--epochs", 1, cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
     assert "modes covered" in result.stdout.strip().splitlines()[-1]

@@ -47,7 +47,7 @@ def test_r1_penalty_is_differentiable_in_the_discriminator_weights():
     discriminator = Discriminator()
     x = torch.randn(4, 1, 28, 28, requires_grad=True)
     r1_penalty(discriminator(x), x, gamma=1.0).backward()
-    first_layer = discriminator.net[1].weight  # double backprop reaches the weights (the last bias has no say in dD/dx)
+    first_layer = discriminator.net[0].weight  # double backprop reaches the weights (the last bias has no say in dD/dx)
     assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
 
 

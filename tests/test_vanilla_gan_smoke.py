@@ -11,6 +11,7 @@ from conftest import (
     INCEPTION_WEIGHTS,
     REPO,
     assert_divergence_stops_at_the_last_good_checkpoint,
+    assert_same_weights,
     needs_inception,
     needs_mnist,
     only_run_dir,
@@ -21,19 +22,9 @@ pytestmark = [needs_mnist, needs_inception]
 
 
 TINY = [
-    "--data-dir",
-    DATA_DIR,
-    "--inception-weights",
-    INCEPTION_WEIGHTS,
-    "--num-train-images",
-    256,
-    "--eval-samples",
-    32,
-    "--reference-size",
-    32,
-    "--log-every",
-    2,
-]
+    "--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--num-train-images", 256, "--eval-samples", 32,
+    "--reference-size", 32, "--log-every", 2,
+]  # fmt: skip
 
 
 def train(tmp_path, cache_dir, *extra, check=True):
@@ -88,8 +79,7 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(one
 
     train(tmp_path, cache_dir, "--epochs", 2)  # same seed, no interruption
     straight = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
-    for name, tensor in straight["generator"].items():
-        assert torch.equal(tensor, after_resume["generator"][name]), name
+    assert_same_weights(straight, after_resume, "generator", "discriminator")
 
 
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path, cache_dir):

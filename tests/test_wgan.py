@@ -101,19 +101,9 @@ def test_generator_batch_norm_flag():
 # --- tiny end-to-end runs: 1280 images = 20 critic steps per epoch ------------------------------
 
 SMOKE = [
-    "--data-dir",
-    DATA_DIR,
-    "--inception-weights",
-    INCEPTION_WEIGHTS,
-    "--num-train-images",
-    1280,
-    "--eval-samples",
-    40,
-    "--reference-size",
-    32,
-    "--log-every",
-    1,
-]
+    "--data-dir", DATA_DIR, "--inception-weights", INCEPTION_WEIGHTS, "--num-train-images", 1280,
+    "--eval-samples", 40, "--reference-size", 32, "--log-every", 1,
+]  # fmt: skip
 
 
 @needs_mnist
