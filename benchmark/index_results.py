@@ -9,8 +9,10 @@ Run: python benchmark/index_results.py
 
 import csv
 import dataclasses
+import fnmatch
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -63,6 +65,12 @@ def headline(metrics: dict) -> str:
     return ""
 
 
+def cites(page: str, method: str, run: str) -> bool:
+    """The page names the run, or a results/ pattern that matches it (`results/mdgan/mdBh_s*`)."""
+    patterns = re.findall(r"results/" + method + r"/([\w.*-]+)", page)
+    return run in page or any(fnmatch.fnmatch(run, pattern) for pattern in patterns if "*" in pattern)
+
+
 def run_lines() -> list:
     pages = {page.name: page.read_text() for page in sorted((REPO / "docs").glob("*.md"))}
     pages["README.md"] = (REPO / "README.md").read_text()
@@ -88,7 +96,9 @@ def run_lines() -> list:
                     "seed": args.get("seed", ""),
                     "budget": f"{epochs} epochs" + (f", {step:,} steps" if step else "") if epochs else "",
                     "headline": headline(metrics),
-                    "cited_by": " ".join(name for name, text in pages.items() if run_dir.name in text),
+                    "cited_by": " ".join(
+                        name for name, text in pages.items() if cites(text, method_dir.name, run_dir.name)
+                    ),
                 }
             )
     return lines

@@ -47,3 +47,17 @@ def test_the_readme_is_a_short_front_door_with_ci_s_test_command():
         assert sections[0].startswith("The method") and sections[1] == "Usage", page
         assert "Implementation details" in sections, page
         assert "Results" in sections and "Notes" in sections, page
+
+
+def test_the_results_index_is_fresh_and_every_kept_run_has_a_script_a_headline_and_a_citing_page():
+    import csv
+
+    import index_results
+
+    lines = index_results.run_lines()
+    with open(REPO / "results" / "index.csv") as f:
+        committed = list(csv.DictReader(f))
+    assert [dict(line, seed=str(line["seed"])) for line in lines] == committed  # python benchmark/index_results.py
+    assert len(lines) > 50 and all(line["headline"] and line["script"] for line in lines)
+    uncited = [line["run"] for line in lines if not line["cited_by"]]
+    assert not uncited, uncited  # a kept run that no page cites belongs in git history, not in results/
