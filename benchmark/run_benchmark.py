@@ -40,6 +40,7 @@ ROWS = [
     Row("mnist_train", "real-vs-real"),
     Row("vanilla_gan", "default", seeds=(1, 2, 3)),
     Row("vanilla_gan", "r1-gamma-10", ("--r1-gamma", "10")),
+    Row("vanilla_gan", "d-dropout-0.3", ("--d-dropout", "0.3"), seeds=(1, 2, 3)),  # the sweep's best (issue 29)
     Row("wgan_clip", "default"),
     Row("wgan_gp", "default", ("--lambda-gp", "10", "--n-critic", "5")),
     Row("unrolled_gan", "mnist-K5", ("--dataset", "mnist", "--unroll-steps", "5")),

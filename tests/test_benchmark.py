@@ -29,6 +29,9 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_waits_for_b
         ("default", 2),
         ("default", 3),
         ("r1-gamma-10", 1),
+        ("d-dropout-0.3", 1),
+        ("d-dropout-0.3", 2),
+        ("d-dropout-0.3", 3),
     ]
     vanilla, drs = todo[0][0], next(row for row, _ in todo if row.method == "drs")
     assert run_benchmark.command(drs, 1, args) is None  # its base has not finished
