@@ -151,6 +151,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_samples <= 3:  # precision/recall use k=3 nearest neighbours: fail now, not after training
         eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
+    if not 0 <= args.d_dropout < 1:  # nn.Dropout would raise only once the networks are built
+        eval_fid.fail(f"--d-dropout must be in [0, 1), got {args.d_dropout}")
     checkpoint_file = args.resume
     checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file else None
     run_name = checkpoint["run_name"] if args.resume else f"{args.exp_name}__{args.seed}__{int(time.time())}"

@@ -118,3 +118,12 @@ def test_too_few_eval_samples_fail_before_training(tmp_path, cache_dir):
     assert result.returncode != 0 and result.stderr.strip().splitlines() == [
         "error: --eval-samples must be at least 4, got 3"
     ]
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1])
+def test_a_dropout_rate_outside_0_1_is_one_line_before_any_run_folder(tmp_path, cache_dir, rate):
+    result = train(tmp_path, cache_dir, "--d-dropout", rate, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --d-dropout must be in [0, 1), got {rate}"
+    ]
+    assert not (tmp_path / "runs").exists()
