@@ -63,6 +63,10 @@ class Args:
     """where each run lives, as WORK/METHOD/VARIANT/seedN/runs/RUN (checkpoints too: not committed)"""
     only: tuple[str, ...] = ()
     """run only these methods (e.g. --only vanilla_gan dcgan); post-hoc rows still need their base finished"""
+    variants: tuple[str, ...] = ()
+    """run only these variants (e.g. --variants d-dropout-0.3 real-vs-real)"""
+    seeds: tuple[int, ...] = ()
+    """run only these seeds of each row (e.g. --seeds 1 to spread a row's seeds over sessions)"""
     extra: tuple[str, ...] = ()
     """flags added to every training command, e.g. --extra --epochs 2 for a short check (label such rows as short)"""
     data_dir: str = str(REPO.parent / "shared" / "data")
@@ -121,6 +125,8 @@ def pending(args: Args) -> list:
     """(row, seed) pairs whose metrics.json does not exist yet, in table order."""
     return [(row, seed) for row in ROWS for seed in row.seeds
             if (not args.only or row.method in args.only)
+            and (not args.variants or row.variant in args.variants)
+            and (not args.seeds or seed in args.seeds)
             and finished_metrics(run_folder(args.work_dir, row.method, row.variant, seed)) is None]  # fmt: skip
 
 
