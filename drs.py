@@ -127,6 +127,10 @@ def load_networks(path: str) -> tuple[Generator, Discriminator, dict]:
     """Generator, discriminator/critic and the training run's info from a checkpoint, or one clear error line."""
     checkpoint = eval_fid.load_checkpoint(path, {"generator"})
     train_args = checkpoint.get("args", {})
+    if type(train_args.get("latent_dim", 100)) is not int or train_args.get("latent_dim", 100) < 1:
+        eval_fid.fail(
+            f"{path} has latent_dim {train_args.get('latent_dim')!r} in its args; expected a positive integer"
+        )
     if train_args.get("conditional"):
         eval_fid.fail(f"{path} holds a conditional generator; DRS here needs an unconditional one")
     score_key = "critic" if "critic" in checkpoint else "discriminator"
@@ -209,6 +213,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    provenance = eval_fid.provenance(device)  # the commit this process loaded, whatever lands while it runs
     generator, discriminator = generator.to(device), discriminator.to(device)
     try:
         evaluator = eval_fid.Evaluator(
@@ -321,7 +326,7 @@ if __name__ == "__main__":
         "checkpoint": args.checkpoint,
         "source": source,
         "device": str(device),
-        "provenance": eval_fid.provenance(device),
+        "provenance": provenance,
         "proposals": needed,
         "acceptance_rate": acceptance_rate,
         "max_logit": max_logit.item(),

@@ -30,7 +30,6 @@ import torchvision
 import tyro
 from PIL import Image, UnidentifiedImageError
 from pytorch_fid import inception as fid_inception
-from pytorch_fid.fid_score import calculate_frechet_distance
 from tqdm import tqdm
 
 DEFAULT_CACHE_DIR = os.environ.get("CLEANGAN_CACHE", str(Path.home() / ".cache" / "cleangan"))
@@ -209,6 +208,12 @@ def load_checkpoint(path: str, required_keys: set, program: str = "CleanGAN") ->
         fail(unreadable)
     if not isinstance(checkpoint, dict) or not set(required_keys) <= checkpoint.keys():
         fail(unreadable)
+    counters = {"epoch", "global_step"}
+    wrong_types = [key for key in required_keys - counters if not isinstance(checkpoint[key], dict)]  # state dicts
+    wrong_types += [key for key in required_keys & counters if type(checkpoint[key]) is not int]
+    wrong_types += ["args"] if not isinstance(checkpoint.get("args", {}), dict) else []
+    if wrong_types:  # a hand-made or foreign dict: one line now, not a traceback deep in a loader
+        fail(f"{unreadable}: {', '.join(sorted(wrong_types))} of the wrong type")
     return checkpoint
 
 
@@ -314,15 +319,28 @@ def _sha256(data: bytes) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def gaussian_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of (N, D) features, in float64 as the Frechet distance needs."""
-    x = features.double().cpu().numpy()
-    return x.mean(axis=0), np.cov(x, rowvar=False)
-
-
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), pytorch-fid's implementation."""
-    return float(calculate_frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b)))
+    """||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^1/2), in float64: pytorch-fid's formula, computed exactly.
+
+    The eigenvalues of S_a S_b are those of the symmetric PSD S_a^1/2 S_b S_a^1/2, so the trace of the root is the sum
+    of their square roots: two symmetric eigen-decompositions instead of scipy's general sqrtm (which took ~20 s for
+    2048-d features and is inexact on the singular covariances of few samples). With fewer samples than dimensions,
+    S_a = A'A and S_b = B'B for the scaled centred features A, B, and the nonzero eigenvalues of A'AB'B are the squared
+    singular values of AB', so the trace is AB''s nuclear norm: an n_a x n_b problem, not d x d."""
+    a, b = features_a.double().cpu().numpy(), features_b.double().cpu().numpy()
+    if min(len(a), len(b)) < 2:
+        raise EvalError(f"the Frechet distance needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    centred_a = (a - a.mean(axis=0)) / np.sqrt(len(a) - 1)  # S_a = centred_a' centred_a
+    centred_b = (b - b.mean(axis=0)) / np.sqrt(len(b) - 1)
+    if min(len(a), len(b)) < a.shape[1]:
+        trace_of_root = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum()
+    else:
+        eigenvalues, eigenvectors = np.linalg.eigh(centred_a.T @ centred_a)
+        root_a = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+        inner = np.linalg.eigvalsh(root_a @ (centred_b.T @ centred_b) @ root_a)
+        trace_of_root = np.sqrt(np.clip(inner, 0, None)).sum()
+    mean_term = ((a.mean(axis=0) - b.mean(axis=0)) ** 2).sum()
+    return float(mean_term + (centred_a**2).sum() + (centred_b**2).sum() - 2 * trace_of_root)
 
 
 def polynomial_mmd2(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -87,6 +87,10 @@ def load_generator(path: str) -> tuple[Generator, dict]:
     """The generator and the training run's info from a checkpoint, or one clear error line."""
     checkpoint = eval_fid.load_checkpoint(path, {"generator"})
     train_args = checkpoint.get("args", {})
+    if type(train_args.get("latent_dim", 100)) is not int or train_args.get("latent_dim", 100) < 1:
+        eval_fid.fail(
+            f"{path} has latent_dim {train_args.get('latent_dim')!r} in its args; expected a positive integer"
+        )
     if train_args.get("conditional"):
         eval_fid.fail(f"{path} holds a conditional generator; latent adaptation needs an unconditional one")
     generator = Generator(train_args.get("latent_dim", 100))
@@ -215,6 +219,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    provenance = eval_fid.provenance(device)  # the commit this process loaded, whatever lands while it runs
     generator = generator.to(device)
     try:
         evaluator = eval_fid.Evaluator(
@@ -308,7 +313,7 @@ if __name__ == "__main__":
         "checkpoint": args.checkpoint,
         "source": source,
         "device": str(device),
-        "provenance": eval_fid.provenance(device),
+        "provenance": provenance,
         "kept_per_digit": kept_per_digit,
         "thresholds": thresholds.tolist(),
         "draws_per_digit": draws,

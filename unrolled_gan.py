@@ -277,7 +277,7 @@ def generate(generator: nn.Module, noise: torch.Tensor, batch_size: int = 1000) 
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by this script, or one clear error line."""
-    return eval_fid.load_checkpoint(path, {"generator", "discriminator", "epoch"}, Args.exp_name)
+    return eval_fid.load_checkpoint(path, {"generator", "discriminator", "epoch", "args"}, Args.exp_name)
 
 
 if __name__ == "__main__":
@@ -300,8 +300,10 @@ if __name__ == "__main__":
         eval_fid.fail("--standardize is for the 2-D mixtures; MNIST is already scaled to [-1, 1]")
     checkpoint_file = args.resume
     checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file else None
-    if checkpoint and checkpoint["args"]["dataset"] != args.dataset:  # same nets on 2-D: it would load silently
-        eval_fid.fail(f"{args.resume} was trained with --dataset {checkpoint['args']['dataset']}; pass it to resume")
+    if checkpoint and checkpoint["args"].get("dataset") != args.dataset:  # same nets on 2-D: it would load silently
+        eval_fid.fail(
+            f"{args.resume} was trained with --dataset {checkpoint['args'].get('dataset')}; pass it to resume"
+        )
     trained_standardized = checkpoint["args"].get("standardize", False) if checkpoint else args.standardize
     if trained_standardized != args.standardize:  # the nets learnt the data at one scale: the other would be nonsense
         eval_fid.fail(
@@ -317,6 +319,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    provenance = eval_fid.provenance(device)  # the commit this process loaded, whatever lands while it runs
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # 2-D: the mixture is sampled afresh every step. MNIST: one [-1, 1] tensor on the device, sliced into batches.
@@ -551,7 +554,7 @@ if __name__ == "__main__":
         "train_seconds": train_seconds,
         "final": final,
         "best": best,
-        "provenance": eval_fid.provenance(device),
+        "provenance": provenance,
         "history": history,
         "args": asdict(args),
     }

@@ -185,6 +185,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    provenance = eval_fid.provenance(device)  # the commit this process loaded, whatever lands while it runs
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # MNIST as one [-1, 1] tensor on the device; batches are index slices, no per-sample PIL work.
@@ -388,7 +389,7 @@ if __name__ == "__main__":
         "train_seconds": train_seconds,
         "final": final,
         "best": best,
-        "provenance": eval_fid.provenance(device),
+        "provenance": provenance,
         "history": history,
         "args": asdict(args),
     }

@@ -75,7 +75,8 @@ def run_lines() -> list:
     pages = {page.name: page.read_text() for page in sorted((REPO / "docs").glob("*.md"))}
     pages["README.md"] = (REPO / "README.md").read_text()
     lines = []
-    for method_dir in sorted(p for p in (REPO / "results").iterdir() if p.is_dir() and p.name != "sweeps"):
+    scripts = {path.stem for path in REPO.glob("*.py")}  # results/mnist_train (the floor row) has no script
+    for method_dir in sorted(p for p in (REPO / "results").iterdir() if p.is_dir() and p.name in scripts):
         defaults = script_defaults(method_dir.name)
         for run_dir in sorted(p for p in method_dir.iterdir() if p.is_dir() and "__" in p.name):
             found = sorted(run_dir.glob("metrics.json")) or sorted(run_dir.glob("*.json"))

@@ -33,7 +33,7 @@ def rescore(path: str, noise_seeds: tuple[int, ...], samples: int) -> tuple[dict
     """The checkpoint and its scores, one per noise seed."""
     checkpoint = unrolled_gan.load_checkpoint(path)
     run_args = checkpoint["args"]
-    if run_args["dataset"] == "mnist":
+    if run_args.get("dataset") == "mnist":
         unrolled_gan.eval_fid.fail(f"{path} is an MNIST run; score it with eval_fid.py")
     try:
         centres, std = unrolled_gan.mixture_modes(run_args["dataset"])

@@ -57,6 +57,12 @@ class Args:
     inception_weights: str = str(REPO.parent / "shared" / "weights" / "pt_inception-2015-12-05-pool3.pth")
 
 
+def git_commit() -> str:
+    """The short commit of the repository's HEAD, as the runs launched now will load it."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def latest_checkpoint(folder: Path):
     """(path, epoch) of the run's checkpoint.pt in `folder`, or (None, 0)."""
     found = sorted(glob(str(folder / "runs" / "*" / "checkpoint.pt")))
@@ -155,6 +161,7 @@ def main(args: Args) -> int:
                 "--epochs", str(epochs), *common, *variants[variant], "--data-dir", args.data_dir,
                 "--inception-weights", args.inception_weights, *(["--resume", checkpoint] if checkpoint else []),
             ]  # fmt: skip
+            (folder / "code_commit.txt").write_text(git_commit() + "\n")  # what this run loads (the tree may move on)
             core = free_cores.pop(0)
             log = open(folder / "log.txt", "a")
             print(f"{time.strftime('%H:%M:%S')} {variant}/seed{seed} on core {core}: {' '.join(cmd)}", flush=True)
@@ -172,13 +179,18 @@ def main(args: Args) -> int:
     runs = {}
     for variant, flags in variants.items():
         for seed in SEEDS:
-            checkpoint, _ = latest_checkpoint(Path(args.work_dir) / args.study / variant / f"seed{seed}")
+            folder = Path(args.work_dir) / args.study / variant / f"seed{seed}"
+            checkpoint, _ = latest_checkpoint(folder)
             if checkpoint:
-                runs.setdefault(variant, {})[seed] = {"flags": [*common, *flags], **history_of(checkpoint)}
+                commit_file = folder / "code_commit.txt"
+                code_commit = commit_file.read_text().strip() if commit_file.exists() else "unknown"
+                runs.setdefault(variant, {})[seed] = {
+                    "flags": [*common, *flags],
+                    "code_commit": code_commit,
+                    **history_of(checkpoint),
+                }
     os.makedirs(args.results_dir, exist_ok=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
+    commit = ", ".join(sorted({run["code_commit"] for by_seed in runs.values() for run in by_seed.values()})) or "none"
     with open(Path(args.results_dir) / f"{args.study}.json", "w") as f:
         json.dump({"script": script, "epochs": epochs, "code_commit": commit, "runs": runs}, f, indent=1)
     table = summarise(runs, epochs)

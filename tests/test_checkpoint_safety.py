@@ -72,6 +72,18 @@ def test_every_loader_refuses_a_crafted_checkpoint_without_running_it(tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("script, flag", LOADERS, ids=[f"{s} {f or 'CHECKPOINT'}" for s, f in LOADERS])
+def test_every_loader_refuses_a_hand_made_dict_of_the_wrong_types_in_one_line(tmp_path, script, flag):
+    wrong = {key: "text" for key in ("generator", "discriminator", "critic", "mnist_to_usps", "usps_to_mnist")}
+    torch.save(
+        {**wrong, "epoch": "1", "global_step": 2.5, "args": ["not", "a", "dict"], "run_name": 3}, tmp_path / "x.pt"
+    )
+    args = [flag, tmp_path / "x.pt"] if flag else [tmp_path / "x.pt"]
+    offline = [] if "rescore" in script else ["--data-dir", DATA_DIR, *OFFLINE]
+    assert_one_line_error(run_script_in_this_process(script, *args, *offline, cwd=tmp_path), "wrong type")
+    assert not (tmp_path / "runs").exists()
+
+
 def old_checkpoint(path):
     """A checkpoint as older code could write it: numpy numbers in its history, which weights_only refuses."""
     torch.manual_seed(0)

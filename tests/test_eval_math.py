@@ -31,6 +31,19 @@ def test_frechet_distance_matches_closed_form_for_gaussians():
     assert eval_fid.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("count_a, count_b, dims", [(300, 200, 8), (7, 5, 10)])  # d-space and sample-space paths
+def test_frechet_distance_matches_pytorch_fids_sqrtm(count_a, count_b, dims):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    generator = torch.Generator().manual_seed(count_a)
+    a = torch.randn(count_a, dims, generator=generator, dtype=torch.float64)
+    a = a @ torch.randn(dims, dims, generator=generator, dtype=torch.float64)
+    b = 1.5 * torch.randn(count_b, dims, generator=generator, dtype=torch.float64) + 0.3
+    moments = [(x.mean(0).numpy(), np.cov(x.numpy(), rowvar=False)) for x in (a, b)]
+    expected = calculate_frechet_distance(*moments[0], *moments[1])
+    assert eval_fid.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
 def test_knn_radii_match_a_brute_force_loop():
     x = torch.randn(40, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     expected = []
