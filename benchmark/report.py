@@ -108,6 +108,7 @@ def summary_rows(runs: dict) -> list:
                 "generator": generator,
                 "command": " ".join(["python", f"{table_row.method}.py", *table_row.flags]),
                 "seeds": [seed for seed, *_ in per_seed],
+                "seeds_planned": list(table_row.seeds),  # more than `seeds` while a row is still being run
                 "epochs": first_metrics.get("epochs"),
                 "num_samples": per_seed[0][2].get("num_samples"),
                 "train_minutes": spread([m.get("train_seconds", 0.0) / 60 for *_, m in per_seed])["mean"],
@@ -146,10 +147,16 @@ def markdown_table(rows: list) -> str:
     ]
     for row in rows:
         budget = f"{row['epochs']} epochs, {row['train_minutes']:.0f} min" if row["epochs"] else "-"
+        seeds = ", ".join(map(str, row["seeds"]))
+        if len(row["seeds"]) < len(row.get("seeds_planned", row["seeds"])):
+            seeds += f" (of {len(row['seeds_planned'])} planned)"
+        generator = row["generator"]
+        if row.get("best_epochs"):
+            generator += f" (epoch {', '.join(map(str, row['best_epochs']))})"
         lines.append(
-            f"| {row['method']} | {row['variant']} | {row['generator']} | {cell(row.get('fid'), 2)} | "
+            f"| {row['method']} | {row['variant']} | {generator} | {cell(row.get('fid'), 2)} | "
             f"{cell(row.get('kid'), 2, 1000)} | {cell(row.get('precision'), 3)} | {cell(row.get('recall'), 3)} | "
-            f"{', '.join(map(str, row['seeds']))} | {row['num_samples']} | {budget} | {row['device']} |"
+            f"{seeds} | {row['num_samples']} | {budget} | {row['device']} |"
         )
     return "\n".join(lines)
 
@@ -177,8 +184,9 @@ def headline(method: str, rows: list, earlier_run: Optional[str] = None, results
         return "not run under the protocol yet"
     variant = mine[0]["variant"]
     by_generator = {row["generator"]: row for row in mine if row["variant"] == variant}
-    seeds = len(mine[0]["seeds"])
-    where = f"{variant}, {seeds} seed{'s' if seeds > 1 else ''}, {mine[0]['num_samples']} samples"
+    seeds, planned = len(mine[0]["seeds"]), len(mine[0].get("seeds_planned", mine[0]["seeds"]))
+    seeds_done = f"{seeds} of {planned} seeds" if seeds < planned else f"{seeds} seed{'s' if seeds > 1 else ''}"
+    where = f"{variant}, {seeds_done}, {mine[0]['num_samples']} samples"
     if "base" in by_generator:  # a post-hoc sampler: base -> improved
         base, improved = by_generator.pop("base"), next(iter(by_generator.values()))
         return f"FID {cell(base.get('fid'), 2)} -> {cell(improved.get('fid'), 2)} ({where})"

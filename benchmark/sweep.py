@@ -35,6 +35,26 @@ STUDIES = {
             "batch-128": ("--batch-size", "128"),
         },
     ),
+    "wgan-gp-30ep": (
+        "wgan_gp", 30, ("--lambda-gp", "10", "--n-critic", "5"),
+        {
+            "default": (),
+            "lr-2e-4": ("--lr-g", "2e-4", "--lr-critic", "2e-4"),
+            "beta1-0.5": ("--beta1", "0.5"),
+            "lambda-gp-5": ("--lambda-gp", "5"),
+            "batch-128": ("--batch-size", "128"),
+        },
+    ),
+    "wgan-clip-30ep": (
+        "wgan_clip", 30, (),
+        {
+            "default": (),
+            "lr-1e-4": ("--lr-g", "1e-4", "--lr-critic", "1e-4"),
+            "clip-0.02": ("--clip-value", "0.02"),
+            "generator-bn": ("--generator-bn",),
+            "lr-1e-4-generator-bn": ("--lr-g", "1e-4", "--lr-critic", "1e-4", "--generator-bn"),
+        },
+    ),
 }  # fmt: skip
 SEEDS = (1, 2, 3)
 

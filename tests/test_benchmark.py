@@ -33,6 +33,11 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_waits_for_b
         ("d-dropout-0.3", 2),
         ("d-dropout-0.3", 3),
     ]
+    spread_over_sessions = run_benchmark.pending(args_for(tmp_path, variants=("d-dropout-0.3",), seeds=(2, 3)))
+    assert [(row.method, row.variant, seed) for row, seed in spread_over_sessions] == [
+        ("vanilla_gan", "d-dropout-0.3", 2),
+        ("vanilla_gan", "d-dropout-0.3", 3),
+    ]
     vanilla, drs = todo[0][0], next(row for row, _ in todo if row.method == "drs")
     assert run_benchmark.command(drs, 1, args) is None  # its base has not finished
 
@@ -160,6 +165,7 @@ def test_the_report_writes_summary_rows_with_mean_std_and_values(benchmark_folde
     assert last["train_minutes"] == pytest.approx(15.0) and last["device"] == "AMD EPYC" and last["commit"] == "abc123"
     assert last["command"] == "python vanilla_gan.py" and len(last["runs"]) == 2
     assert by_key["vanilla_gan", "default", "best"]["best_epochs"] == [50, 50]
+    assert last["seeds_planned"] == [1, 2, 3]  # the row's third seed has not run yet
     cyclegan = by_key["cyclegan", "default", "last"]
     assert cyclegan["fid"]["values"] == [12.0] and cyclegan["num_samples"] == 2007
     assert cyclegan["usps_to_mnist_label_kept"]["mean"] == 0.8
@@ -172,19 +178,23 @@ def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_
     readme = (tmp_path / "README.md").read_text()
     assert "old" not in readme and readme.endswith("end\n")
     assert (
-        "| vanilla_gan | default | last | 35.00 ± 7.07 | 20.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 1, 2 | 10000 | 100 epochs, 15 min | AMD EPYC |"
+        "| vanilla_gan | default | last | 35.00 ± 7.07 | 20.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | 1, 2 (of 3 planned) | 10000 | 100 epochs, 15 min | AMD EPYC |"
         in readme
     )
     assert "| mnist_train | real-vs-real | real | 2.00 | 0.10 |" in readme
     assert "![fast metric against epoch and training minutes](results/curves.png)" in readme
     methods = {line.split(" | ")[0]: line for line in readme.splitlines() if line.startswith("| `")}
-    assert "FID 21.00 ± 1.41 (best, default, 2 seeds, 10000 samples, 100 epochs)" in methods["| `vanilla_gan.py`"]
+    assert "FID 21.00 ± 1.41 (best, default, 2 of 3 seeds, 10000 samples, 100 epochs)" in methods["| `vanilla_gan.py`"]
     assert (
         "not run under the protocol yet" in methods["| `wgan_gp.py`"] and "(docs/wgan.md)" in methods["| `wgan_gp.py`"]
     )
     assert "FID 2.00 (real, real-vs-real, 1 seed, 10000 samples)" in methods["| `eval_fid.py`"]  # the floor
     page = (tmp_path / "docs" / "wgan.md").read_text()
-    assert "old" not in page and page.endswith("end\n") and "| vanilla_gan | default | best | 21.00 ± 1.41 |" in page
+    assert (
+        "old" not in page
+        and page.endswith("end\n")
+        and "| vanilla_gan | default | best (epoch 50, 50) | 21.00 ± 1.41 |" in page
+    )
     assert "No wgan_clip or wgan_gp row has been run under the protocol yet" in page and "cyclegan" not in page
     from PIL import Image
 
@@ -224,3 +234,17 @@ def test_the_sweep_table_gives_median_and_range_over_seeds_of_finished_runs_only
     assert cells[1] == "1, 2, 3" and cells[2] == "25.0 [20.0, 30.0] (2, 2, 2)"  # best: median [min, max] (epochs)
     assert cells[3] == "40.0 [35.0, 45.0]" and cells[5] == "10, 7, 10"
     assert "unfinished" not in table
+
+
+def test_every_sweep_variant_is_a_valid_command_line_of_its_script():
+    import importlib
+
+    import tyro
+
+    import sweep
+
+    for study, (script, epochs, common, variants) in sweep.STUDIES.items():
+        module = importlib.import_module(script)
+        for variant, flags in variants.items():
+            parsed = tyro.cli(module.Args, args=["--epochs", str(epochs), *common, *flags])
+            assert parsed.epochs == epochs, (study, variant)
