@@ -248,3 +248,24 @@ def test_every_sweep_variant_is_a_valid_command_line_of_its_script():
         for variant, flags in variants.items():
             parsed = tyro.cli(module.Args, args=["--epochs", str(epochs), *common, *flags])
             assert parsed.epochs == epochs, (study, variant)
+
+
+def test_the_sweep_table_names_the_commit_each_run_was_launched_from(tmp_path):
+    import torch
+
+    import sweep
+
+    for seed, commit in ((1, "aaaaaaa"), (2, "bbbbbbb")):
+        run_dir = tmp_path / "work" / "vanilla-30ep" / "default" / f"seed{seed}" / "runs" / "run"
+        run_dir.mkdir(parents=True)
+        (run_dir.parents[1] / "code_commit.txt").write_text(commit + "\n")
+        history = [{"epoch": 30, "classifier_fid": 10.0 * seed, "digits_covered": 10}]
+        checkpoint = {"run_name": "run", "args": {}, "history": history, "train_seconds": 1.0, "epoch": 30}
+        torch.save(checkpoint, run_dir / "checkpoint.pt")
+    args = sweep.Args(
+        "vanilla-30ep", work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "out"), table_only=True
+    )
+    assert sweep.main(args) == 0
+    written = json.loads((tmp_path / "out" / "vanilla-30ep.json").read_text())
+    assert [written["runs"]["default"][seed]["code_commit"] for seed in ("1", "2")] == ["aaaaaaa", "bbbbbbb"]
+    assert "at commit aaaaaaa, bbbbbbb" in (tmp_path / "out" / "vanilla-30ep.md").read_text()
