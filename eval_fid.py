@@ -754,11 +754,12 @@ def main(args: EvalArgs) -> dict:
         args.reference_size,
         args.batch_size,
     )
+    started_from = provenance(evaluator.device)  # the code as this process loaded it
     metrics = evaluator.fast(samples) if args.fast_only else evaluator.full(samples)
     print(format_table(metrics))
     print(json.dumps(metrics))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(metrics, indent=2))
+    if args.json_out:  # a results file says where it came from, as the training scripts' metrics.json do
+        Path(args.json_out).write_text(json.dumps({**metrics, "provenance": started_from}, indent=2))
     return metrics
 
 

@@ -112,7 +112,8 @@ def summary_rows(runs: dict) -> list:
                 "epochs": first_metrics.get("epochs"),
                 "num_samples": per_seed[0][2].get("num_samples"),
                 "train_minutes": spread([m.get("train_seconds", 0.0) / 60 for *_, m in per_seed])["mean"],
-                "device": (first_metrics.get("provenance") or {}).get("device_name", first_metrics.get("device")),
+                "device": (first_metrics.get("provenance") or {}).get("device_name", first_metrics.get("device"))
+                or "not recorded",
                 "commit": (first_metrics.get("provenance") or {}).get("git_commit"),
                 "runs": [
                     str(Path(path).relative_to(REPO)) if Path(path).is_relative_to(REPO) else path
@@ -280,14 +281,15 @@ def main(args: Args) -> list:
     rows = summary_rows(copies)
     results.mkdir(parents=True, exist_ok=True)
     (results / "summary.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    if runs:
+    with_history = any(metrics.get("history") for _, metrics in runs.values())
+    if with_history:  # the floor alone has no curve to draw
         plot_curves(runs, results / "curves.png")
     if args.readme:
         readme = Path(args.readme)
         text = replace_between(readme.read_text(), TABLE_START, TABLE_END, markdown_table(rows))
         text = replace_between(text, METHODS_START, METHODS_END, methods_table(rows, results))
         image = f"![fast metric against epoch and training minutes]({os.path.relpath(results / 'curves.png', readme.parent)})"
-        image = image if runs else "No learning curves yet: they are drawn from the rows' runs."
+        image = image if with_history else "No learning curves yet: they are drawn from the rows' runs."
         readme.write_text(replace_between(text, CURVES_START, CURVES_END, image))
     if args.docs_dir:
         update_docs(Path(args.docs_dir), rows)

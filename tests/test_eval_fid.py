@@ -97,6 +97,7 @@ def test_cli_reads_png_folders_npz_and_pt_alike(tmp_path, cache_dir, mnist_test)
             check=True,
         )
         metrics = json.loads((tmp_path / "m.json").read_text())
+        assert metrics.pop("provenance")["torch"] == torch.__version__  # the file says where it came from
         assert "| fid |" in result.stdout and json.loads(result.stdout.strip().splitlines()[-1]) == metrics
         assert metrics["precision"] == 1.0 and metrics["num_samples"] == N
         fids.append(metrics["fid"])
