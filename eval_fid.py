@@ -428,8 +428,12 @@ def class_coverage(predicted: torch.Tensor) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_fid_inception(weights_path: Optional[str], device: torch.device) -> nn.Module:
-    """pytorch-fid's FID Inception up to pool3; offline from `weights_path`, else pytorch-fid's download."""
+def load_fid_inception(weights_path: Optional[str], device: torch.device, fold_batch_norm: bool = True) -> nn.Module:
+    """pytorch-fid's FID Inception up to pool3; offline from `weights_path`, else pytorch-fid's download.
+
+    fold_batch_norm folds each eval-mode BatchNorm into the convolution before it: the same function up to float
+    rounding (features agree to ~1e-5), ~1.4x faster on CPU because every BatchNorm pass over the maps is gone.
+    """
     if weights_path is None:
         try:
             model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
@@ -456,8 +460,15 @@ def load_fid_inception(weights_path: Optional[str], device: torch.device) -> nn.
         except RuntimeError as e:
             detail = " ".join(str(e).split())[:300]
             raise EvalError(f"{weights_path} does not fit the FID Inception: {detail}") from None
+    model.eval()
+    if fold_batch_norm:
+        for block in model.modules():  # pytorch-fid's BasicConv2d: relu(bn(conv(x)))
+            if isinstance(getattr(block, "conv", None), nn.Conv2d) and isinstance(
+                getattr(block, "bn", None), nn.BatchNorm2d
+            ):
+                block.conv, block.bn = torch.nn.utils.fuse_conv_bn_eval(block.conv, block.bn), nn.Identity()
     # channels_last: same fp32 math, ~1.6x faster convolutions on CPU.
-    return model.eval().to(device, memory_format=torch.channels_last)
+    return model.to(device, memory_format=torch.channels_last)
 
 
 class DigitClassifier(nn.Module):
@@ -582,11 +593,13 @@ class Evaluator:
         device: Optional[str] = None,
         reference: Optional[torch.Tensor] = None,
         reference_size: int = 10000,
-        batch_size: int = 100,
+        batch_size: Optional[int] = None,
     ):
-        self.data_dir, self.inception_weights, self.batch_size = data_dir, inception_weights, batch_size
+        self.data_dir, self.inception_weights = data_dir, inception_weights
         self.cache_dir = Path(cache_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Inception batch: 50 keeps a CPU core's caches warmer (~8% faster than 100); a GPU wants more.
+        self.batch_size = batch_size or (50 if self.device.type == "cpu" else 250)
         if reference is None:
             reference = load_mnist(data_dir, train=False)[0]
             if reference_size < 2:
@@ -733,8 +746,8 @@ class EvalArgs:
     """how many MNIST test images form the reference (the first N)"""
     fast_only: bool = False
     """only the classifier metric (seconds instead of minutes on CPU)"""
-    batch_size: int = 100
-    """Inception batch size"""
+    batch_size: Optional[int] = None
+    """Inception batch size (default: 50 on CPU, 250 on CUDA)"""
     device: Optional[str] = None
     """cpu or cuda (default: cuda when available)"""
     json_out: Optional[str] = None

@@ -111,7 +111,11 @@ def test_png_features_equal_pytorch_fids_own_pipeline(evaluator, mnist_test, tmp
 
     eval_fid.save_samples_png(mnist_test[0][:20], tmp_path)
     ours = evaluator.inception_features(eval_fid.to_unit_range(eval_fid.load_samples(str(tmp_path))))
-    theirs = get_activations(sorted(tmp_path.glob("*.png")), evaluator.inception(), batch_size=10, num_workers=0)
+    # pytorch-fid's network as it ships, BatchNorms unfolded: checks our fold and our PNG path at once
+    unfolded = eval_fid.load_fid_inception(str(INCEPTION_WEIGHTS), torch.device("cpu"), fold_batch_norm=False)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in evaluator.inception().modules())
+    theirs = get_activations(sorted(tmp_path.glob("*.png")), unfolded, batch_size=10, num_workers=0)
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-4, atol=1e-4)
 
 
