@@ -40,6 +40,7 @@ STUDIES = {
         {
             "default": (),
             "lr-2e-4": ("--lr-g", "2e-4", "--lr-critic", "2e-4"),
+            "lr-2e-4-adam-0.5-0.999": ("--lr-g", "2e-4", "--lr-critic", "2e-4", "--beta1", "0.5", "--beta2", "0.999"),
             "beta1-0.5": ("--beta1", "0.5"),
             "lambda-gp-5": ("--lambda-gp", "5"),
             "batch-128": ("--batch-size", "128"),
@@ -50,6 +51,7 @@ STUDIES = {
         {
             "default": (),
             "lr-1e-4": ("--lr-g", "1e-4", "--lr-critic", "1e-4"),
+            "lr-2e-4": ("--lr-g", "2e-4", "--lr-critic", "2e-4"),
             "clip-0.02": ("--clip-value", "0.02"),
             "generator-bn": ("--generator-bn",),
             "lr-1e-4-generator-bn": ("--lr-g", "1e-4", "--lr-critic", "1e-4", "--generator-bn"),
