@@ -139,6 +139,13 @@ def cell(stats: dict | None, digits: int, scale: float = 1.0) -> str:
 NO_ROWS = "No row has been run under the protocol yet: `python benchmark/run_benchmark.py --jobs 2`, then this script."
 
 
+def generator_label(row: dict) -> str:
+    """`last`, `best (epoch 97)` (the epochs best.pt came from, per seed) or the sampler's name."""
+    if row.get("best_epochs"):
+        return f"{row['generator']} (epoch {', '.join(map(str, row['best_epochs']))})"
+    return row["generator"]
+
+
 def markdown_table(rows: list) -> str:
     if not rows:
         return NO_ROWS
@@ -151,11 +158,8 @@ def markdown_table(rows: list) -> str:
         seeds = ", ".join(map(str, row["seeds"]))
         if len(row["seeds"]) < len(row.get("seeds_planned", row["seeds"])):
             seeds += f" (of {len(row['seeds_planned'])} planned)"
-        generator = row["generator"]
-        if row.get("best_epochs"):
-            generator += f" (epoch {', '.join(map(str, row['best_epochs']))})"
         lines.append(
-            f"| {row['method']} | {row['variant']} | {generator} | {cell(row.get('fid'), 2)} | "
+            f"| {row['method']} | {row['variant']} | {generator_label(row)} | {cell(row.get('fid'), 2)} | "
             f"{cell(row.get('kid'), 2, 1000)} | {cell(row.get('precision'), 3)} | {cell(row.get('recall'), 3)} | "
             f"{seeds} | {row['num_samples']} | {budget} | {row['device']} |"
         )
@@ -191,9 +195,11 @@ def headline(method: str, rows: list, earlier_run: Optional[str] = None, results
     if "base" in by_generator:  # a post-hoc sampler: base -> improved
         base, improved = by_generator.pop("base"), next(iter(by_generator.values()))
         return f"FID {cell(base.get('fid'), 2)} -> {cell(improved.get('fid'), 2)} ({where})"
-    row = by_generator.get("best") or next(iter(by_generator.values()))
-    budget = f", {row['epochs']} epochs" if row["epochs"] else ""
-    return f"FID {cell(row.get('fid'), 2)} ({row['generator']}, {where}{budget})"
+    # Both generators, the last first: neither is chosen by its Inception FID, so the reader sees both.
+    scored = [by_generator[g] for g in ("last", "best") if g in by_generator] or list(by_generator.values())
+    fids = " / ".join(f"{cell(row.get('fid'), 2)} {generator_label(row)}" for row in scored)
+    budget = f", {scored[0]['epochs']} epochs" if scored[0]["epochs"] else ""
+    return f"FID {fids} ({where}{budget})"
 
 
 def methods_table(rows: list, results_dir: Path) -> str:
@@ -256,27 +262,26 @@ def plot_curves(runs: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def collect(work_dir: str) -> dict:
-    """{(row, seed): (path, metrics)} for every finished run under work_dir."""
+def collect(args: Args) -> dict:
+    """{(row, seed): (path, metrics)} for every finished run: in the work dir, else its committed copy."""
     runs = {}
     for table_row in run_benchmark.ROWS:
         for seed in table_row.seeds:
-            path = run_benchmark.finished_metrics(
-                run_benchmark.run_folder(work_dir, table_row.method, table_row.variant, seed)
-            )
+            path = run_benchmark.finished_run(args, table_row.method, table_row.variant, seed)
             if path:
                 runs[table_row, seed] = (path, json.loads(Path(path).read_text()))
     return runs
 
 
 def main(args: Args) -> list:
-    runs = collect(args.work_dir)
+    runs = collect(args)
     results = Path(args.results_dir)
     copies = {}
     for (table_row, seed), (path, metrics) in runs.items():  # the committed trace of each row: its metrics.json
         copy = results / table_row.method / table_row.variant / f"seed{seed}.json"
         copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, copy)
+        if Path(path).resolve() != copy.resolve():
+            shutil.copyfile(path, copy)
         copies[table_row, seed] = (str(copy), metrics)
     rows = summary_rows(copies)
     results.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,8 @@ class Args:
     """runs side by side, each pinned to its own core with one thread (1: one after another, all cores)"""
     work_dir: str = str(REPO / "benchmark" / "work")
     """where each run lives, as WORK/METHOD/VARIANT/seedN/runs/RUN (checkpoints too: not committed)"""
+    results_dir: str = str(REPO / "results")
+    """report.py's committed copies (METHOD/VARIANT/seedN.json): a run found there is finished and not run again"""
     only: tuple[str, ...] = ()
     """run only these methods (e.g. --only vanilla_gan dcgan); post-hoc rows still need their base finished"""
     variants: tuple[str, ...] = ()
@@ -87,6 +89,18 @@ def finished_metrics(folder: Path) -> Optional[str]:
     """The metrics.json a finished run left in `folder`, or None."""
     found = sorted(glob(str(folder / "runs" / "*" / "metrics.json"))) + sorted(glob(str(folder / "metrics.json")))
     return found[0] if found else None
+
+
+def committed_metrics(results_dir: str, method: str, variant: str, seed: int) -> Optional[str]:
+    """report.py's committed copy of a finished run's metrics.json: the row survives a lost work dir."""
+    copy = Path(results_dir) / method / variant / f"seed{seed}.json"
+    return str(copy) if copy.exists() else None
+
+
+def finished_run(args, method: str, variant: str, seed: int) -> Optional[str]:
+    """A finished run's metrics.json: in the work dir, else its committed copy in the results dir."""
+    in_work_dir = finished_metrics(run_folder(args.work_dir, method, variant, seed))
+    return in_work_dir or committed_metrics(args.results_dir, method, variant, seed)
 
 
 def command(row: Row, seed: int, args: Args) -> Optional[list]:
@@ -122,12 +136,12 @@ def command(row: Row, seed: int, args: Args) -> Optional[list]:
 
 
 def pending(args: Args) -> list:
-    """(row, seed) pairs whose metrics.json does not exist yet, in table order."""
+    """(row, seed) pairs with no metrics.json yet (in the work dir or committed in results/), in table order."""
     return [(row, seed) for row in ROWS for seed in row.seeds
             if (not args.only or row.method in args.only)
             and (not args.variants or row.variant in args.variants)
             and (not args.seeds or seed in args.seeds)
-            and finished_metrics(run_folder(args.work_dir, row.method, row.variant, seed)) is None]  # fmt: skip
+            and finished_run(args, row.method, row.variant, seed) is None]  # fmt: skip
 
 
 def main(args: Args) -> int:
@@ -172,8 +186,8 @@ def main(args: Args) -> int:
         blocked = todo and not running and all(command(row, seed, args) is None for row, seed in todo)
         if blocked:
             print(
-                "left to do, waiting on bases that did not finish: "
-                + ", ".join(f"{r.method}/{r.variant}" for r, _ in todo)
+                "left to do, waiting on bases that did not finish in the work dir (a base found only in results/ "
+                "left no checkpoint: run it again): " + ", ".join(f"{r.method}/{r.variant}" for r, _ in todo)
             )
             return 1
         time.sleep(args.poll_seconds if running else 0)

@@ -2,6 +2,7 @@
 into summary.json rows, the README's table and the curves figure."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,13 @@ import run_benchmark
 
 
 def args_for(tmp_path, **overrides):
-    return run_benchmark.Args(work_dir=str(tmp_path / "work"), data_dir="DATA", inception_weights="W.pth", **overrides)
+    return run_benchmark.Args(
+        work_dir=str(tmp_path / "work"),
+        results_dir=str(tmp_path / "results"),
+        data_dir="DATA",
+        inception_weights="W.pth",
+        **overrides,
+    )
 
 
 def finish(work, method, variant, seed, metrics, run_name="run"):
@@ -172,6 +179,18 @@ def test_the_report_writes_summary_rows_with_mean_std_and_values(benchmark_folde
     assert (tmp_path / "results/vanilla_gan/default/seed2.json").exists()
 
 
+def test_rows_survive_a_lost_work_dir_from_their_committed_copies(benchmark_folder):
+    tmp_path = benchmark_folder
+    first = report.main(report_args(tmp_path))
+    shutil.rmtree(tmp_path / "work")  # a new checkout: the runs are gone, their copies in results/ are committed
+    again = report.main(report_args(tmp_path))
+    assert [{k: v for k, v in row.items() if k != "runs"} for row in again] == [
+        {k: v for k, v in row.items() if k != "runs"} for row in first
+    ]
+    todo = run_benchmark.pending(args_for(tmp_path, only=("vanilla_gan",), variants=("default",)))
+    assert [seed for _, seed in todo] == [3]  # seeds 1 and 2 are finished, so the runner does not train them again
+
+
 def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_folder):
     tmp_path = benchmark_folder
     report.main(report_args(tmp_path))
@@ -184,11 +203,14 @@ def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_
     assert "| mnist_train | real-vs-real | real | 2.00 | 0.10 |" in readme
     assert "![fast metric against epoch and training minutes](results/curves.png)" in readme
     methods = {line.split(" | ")[0]: line for line in readme.splitlines() if line.startswith("| `")}
-    assert "FID 21.00 ± 1.41 (best, default, 2 of 3 seeds, 10000 samples, 100 epochs)" in methods["| `vanilla_gan.py`"]
+    assert (  # both generators, neither picked by its Inception FID
+        "FID 35.00 ± 7.07 last / 21.00 ± 1.41 best (epoch 50, 50) (default, 2 of 3 seeds, 10000 samples, 100 epochs)"
+        in methods["| `vanilla_gan.py`"]
+    )
     assert (
         "not run under the protocol yet" in methods["| `wgan_gp.py`"] and "(docs/wgan.md)" in methods["| `wgan_gp.py`"]
     )
-    assert "FID 2.00 (real, real-vs-real, 1 seed, 10000 samples)" in methods["| `eval_fid.py`"]  # the floor
+    assert "FID 2.00 real (real-vs-real, 1 seed, 10000 samples)" in methods["| `eval_fid.py`"]  # the floor
     page = (tmp_path / "docs" / "wgan.md").read_text()
     assert (
         "old" not in page
