@@ -58,6 +58,10 @@ class Args:
     """dimension of the generator's Gaussian input z"""
     lr_scale: float = 1.0
     """multiplies both learning rates, e.g. 0.5 with --fine-tune-from for the report's decay step"""
+    lr_decay_epochs: tuple[int, ...] = ()
+    """multiply both learning rates by --lr-decay-factor after each of these epochs (e.g. 150: a decay step in one run)"""
+    lr_decay_factor: float = 0.5
+    """the factor of each step of --lr-decay-epochs"""
 
     # the method
     lambda_gp: float = 10.0
@@ -174,6 +178,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_samples <= 3:  # precision/recall use k=3 nearest neighbours: fail now, not after training
         eval_fid.fail(f"--eval-samples must be at least 4, got {args.eval_samples}")
+    if args.lr_decay_factor <= 0 or any(epoch < 1 for epoch in args.lr_decay_epochs):
+        eval_fid.fail("--lr-decay-factor must be positive and --lr-decay-epochs at least 1")
     if args.resume and args.fine_tune_from:
         eval_fid.fail("--resume continues a run and --fine-tune-from starts a new one: give only one")
     checkpoint_file = args.resume or args.fine_tune_from
@@ -235,10 +241,13 @@ if __name__ == "__main__":
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         print(f"resumed {run_name} at epoch {start_epoch}, step {global_step}")
-    # The command line wins over a checkpoint: a resumed or fine-tuned run may change (scale) its learning rates.
-    for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_c, args.lr_critic)):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * args.lr_scale
+
+    def set_learning_rates(epoch: int):
+        """The command line's rates win over a checkpoint's, scaled, stepped down after each of --lr-decay-epochs."""
+        decay = args.lr_decay_factor ** sum(epoch > milestone for milestone in args.lr_decay_epochs)
+        for optimizer, lr in ((optimizer_g, args.lr_g), (optimizer_c, args.lr_critic)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * args.lr_scale * decay
 
     # The run's folder is made only once nothing at the start can fail any more: a failed start leaves no runs/RUN.
     run_name, run_dir = eval_fid.claim_run_dir(run_name, resumed=bool(args.resume))
@@ -279,6 +288,8 @@ if __name__ == "__main__":
     for epoch in range(start_epoch + 1, args.epochs + 1):
         epoch_start, epoch_start_step = time.time(), global_step
         order = torch.randperm(len(train_images), generator=batch_order).to(device)
+        set_learning_rates(epoch)
+        writer.add_scalar("charts/learning_rate_g", optimizer_g.param_groups[0]["lr"], global_step)
         for step_in_epoch in range(steps_per_epoch):
             batch = order[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]
             real, labels = train_images[batch], train_labels[batch]  # fakes get the same labels: x_hat is well posed

@@ -40,6 +40,7 @@ STUDIES = {
         {
             "default": (),
             "lr-2e-4": ("--lr-g", "2e-4", "--lr-critic", "2e-4"),
+            "lr-2e-4-decay-20": ("--lr-g", "2e-4", "--lr-critic", "2e-4", "--lr-decay-epochs", "20"),
             "lr-2e-4-adam-0.5-0.999": ("--lr-g", "2e-4", "--lr-critic", "2e-4", "--beta1", "0.5", "--beta2", "0.999"),
             "beta1-0.5": ("--beta1", "0.5"),
             "lambda-gp-5": ("--lambda-gp", "5"),

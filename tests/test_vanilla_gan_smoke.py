@@ -70,14 +70,17 @@ def test_tensorboard_gets_losses_d_outputs_grid_metric_and_hparams(one_epoch_run
 
 def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(one_epoch_run, tmp_path, cache_dir):
     first_dir = only_run_dir(one_epoch_run[0])
-    resumed = train(one_epoch_run[0], cache_dir, "--epochs", 2, "--resume", first_dir / "checkpoint.pt")
+    decay_after_1 = ["--lr-decay-epochs", 1]  # the first epoch ran at full rate either way
+    resumed = train(one_epoch_run[0], cache_dir, "--epochs", 2, *decay_after_1, "--resume", first_dir / "checkpoint.pt")
     assert "resumed" in resumed.stdout and "at epoch 1, step 4" in resumed.stdout
     assert only_run_dir(one_epoch_run[0]) == first_dir  # same run, same TensorBoard folder
     after_resume = torch.load(first_dir / "checkpoint.pt", weights_only=True)
     assert after_resume["epoch"] == 2 and after_resume["global_step"] == 8
     assert [h["epoch"] for h in after_resume["history"]] == [1, 2]
+    for optimizer in ("optimizer_g", "optimizer_d"):  # epoch 2 ran at half the default 2e-4
+        assert [group["lr"] for group in after_resume[optimizer]["param_groups"]] == [1e-4]
 
-    train(tmp_path, cache_dir, "--epochs", 2)  # same seed, no interruption
+    train(tmp_path, cache_dir, "--epochs", 2, *decay_after_1)  # same seed, no interruption
     straight = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
     assert_same_weights(straight, after_resume, "generator", "discriminator")
 
@@ -118,6 +121,15 @@ def test_too_few_eval_samples_fail_before_training(tmp_path, cache_dir):
     assert result.returncode != 0 and result.stderr.strip().splitlines() == [
         "error: --eval-samples must be at least 4, got 3"
     ]
+
+
+@pytest.mark.parametrize("flags", [["--lr-decay-factor", 0], ["--lr-decay-epochs", 0]])
+def test_a_decay_that_is_not_a_schedule_is_one_line_before_any_run_folder(tmp_path, cache_dir, flags):
+    result = train(tmp_path, cache_dir, *flags, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --lr-decay-factor must be positive and --lr-decay-epochs at least 1"
+    ]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("rate", [1.0, -0.1])

@@ -109,7 +109,22 @@ SMOKE = [
 @needs_mnist
 @needs_inception
 @pytest.mark.parametrize(
-    "extra", [[], ["--generator-bn", "--critic-boost", "--boost-iters", 3, "--boost-first", 2, "--boost-every", 4]]
+    "extra",
+    [
+        [],
+        [
+            "--generator-bn",
+            "--critic-boost",
+            "--boost-iters",
+            3,
+            "--boost-first",
+            2,
+            "--boost-every",
+            4,
+            "--lr-decay-epochs",
+            1,
+        ],
+    ],
 )
 def test_wgan_clip_runs_counts_critic_steps_and_keeps_weights_clipped(tmp_path, cache_dir, extra):
     run_script("wgan_clip.py", *SMOKE, "--cache-dir", cache_dir, "--epochs", 2, *extra, cwd=tmp_path)
@@ -118,6 +133,8 @@ def test_wgan_clip_runs_counts_critic_steps_and_keeps_weights_clipped(tmp_path, 
     assert checkpoint["critic_step"] == 40
     assert checkpoint["global_step"] == expected_generator_steps(40, 5, boost)
     assert max(t.abs().max().item() for t in checkpoint["critic"].values()) <= 0.01
+    rate = 2.5e-5 if extra else 5e-5  # RMSProp's 5e-5, halved after epoch 1 with --lr-decay-epochs 1
+    assert [g["lr"] for g in checkpoint["optimizer_g"]["param_groups"]] == [rate]
     if not extra:  # clipping bounds the critic, so it is the generator that overflows
         absurd = [*SMOKE, "--cache-dir", cache_dir, "--epochs", 3, "--lr-g", 1e38, "--lr-critic", 1e38]
         run_dir = only_run_dir(tmp_path)
@@ -156,9 +173,18 @@ def test_wgan_gp_resume_and_fine_tune_with_scaled_learning_rates(tmp_path, cache
     common = [*SMOKE, "--cache-dir", cache_dir]
     run_script("wgan_gp.py", *common, "--epochs", 1, cwd=tmp_path)
     first = only_run_dir(tmp_path)
-    resumed = run_script("wgan_gp.py", *common, "--epochs", 2, "--resume", first / "checkpoint.pt", cwd=tmp_path)
+    decay = ["--lr-decay-epochs", 1, "--lr-decay-factor", 0.1]
+    resumed = run_script(
+        "wgan_gp.py", *common, "--epochs", 2, *decay, "--resume", first / "checkpoint.pt", cwd=tmp_path
+    )
     assert "at epoch 1, step 4" in resumed.stdout and only_run_dir(tmp_path) == first
-    assert torch.load(first / "checkpoint.pt", weights_only=True)["critic_step"] == 40
+    after_resume = torch.load(first / "checkpoint.pt", weights_only=True)
+    assert after_resume["critic_step"] == 40
+    assert [g["lr"] for g in after_resume["optimizer_c"]["param_groups"]] == [pytest.approx(1e-5)]  # 1e-4 x 0.1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = EventAccumulator(str(first)).Reload().Scalars("charts/learning_rate_g")
+    assert [round(event.value, 9) for event in logged] == [1e-4, 1e-5]  # one per epoch, across the resume
 
     fine_dir = tmp_path / "fine"
     fine_dir.mkdir()
