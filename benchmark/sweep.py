@@ -56,6 +56,7 @@ STUDIES = {
             "clip-0.02": ("--clip-value", "0.02"),
             "generator-bn": ("--generator-bn",),
             "lr-1e-4-generator-bn": ("--lr-g", "1e-4", "--lr-critic", "1e-4", "--generator-bn"),
+            "lr-2e-4-generator-bn": ("--lr-g", "2e-4", "--lr-critic", "2e-4", "--generator-bn"),
         },
     ),
 }  # fmt: skip
