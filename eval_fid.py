@@ -294,6 +294,8 @@ def provenance(device: torch.device) -> dict:
 
     commit = git("rev-parse", "HEAD")
     changes = git("status", "--porcelain", "--untracked-files=no")
+    if commit is None and os.environ.get("CLEANGAN_GIT_COMMIT"):  # a copy of the tree without git: a lent GPU
+        commit, changes = os.environ["CLEANGAN_GIT_COMMIT"], os.environ.get("CLEANGAN_GIT_DIRTY") == "1"
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -644,13 +646,19 @@ class Evaluator:
         return features
 
     # -- feature extractors ---------------------------------------------------------------------
+    @staticmethod
+    def _full_fp32():
+        """cuDNN convolutions in TF32 (PyTorch's default on CUDA) shift features by ~1e-3: one metric, full fp32."""
+        return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False)
+
     @torch.inference_mode()
     def inception_features(self, images01: torch.Tensor, desc: str = "Inception features") -> torch.Tensor:
         model, out = self.inception(), []
-        for i in tqdm(range(0, len(images01), self.batch_size), desc=desc, leave=False, mininterval=5):
-            batch = images01[i : i + self.batch_size].to(self.device)
-            batch = batch.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
-            out.append(model(batch)[0].flatten(1).cpu())
+        with self._full_fp32():
+            for i in tqdm(range(0, len(images01), self.batch_size), desc=desc, leave=False, mininterval=5):
+                batch = images01[i : i + self.batch_size].to(self.device)
+                batch = batch.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+                out.append(model(batch)[0].flatten(1).cpu())
         return torch.cat(out)
 
     @torch.inference_mode()
@@ -659,12 +667,13 @@ class Evaluator:
         if images01.shape[-2:] != (28, 28):
             raise EvalError(f"the digit classifier needs 28x28 images, got {tuple(images01.shape[-2:])}")
         classifier, features, predicted = self.classifier(), [], []
-        for i in range(0, len(images01), batch):
-            x = images01[i : i + batch].to(self.device).mean(1, keepdim=True)  # RGB -> gray
-            x = x.contiguous(memory_format=torch.channels_last)  # ~2x faster on CPU, same math
-            f = classifier.features(x)
-            features.append(f)
-            predicted.append(classifier.head(f).argmax(1))
+        with self._full_fp32():
+            for i in range(0, len(images01), batch):
+                x = images01[i : i + batch].to(self.device).mean(1, keepdim=True)  # RGB -> gray
+                x = x.contiguous(memory_format=torch.channels_last)  # ~2x faster on CPU, same math
+                f = classifier.features(x)
+                features.append(f)
+                predicted.append(classifier.head(f).argmax(1))
         return torch.cat(features), torch.cat(predicted)
 
     # -- the two entry points -------------------------------------------------------------------

@@ -31,7 +31,15 @@ class Row:
     """the flags that differ from the script's defaults; the runner adds --seed and the offline flags"""
     seeds: tuple = (1,)
     base: Optional[tuple] = None
-    """post-hoc samplers: the (method, variant) whose seed's checkpoint.pt they start from"""
+    """post-hoc samplers: the (method, variant) whose seed's checkpoint.pt they start from (on the same device)"""
+    device: str = "cpu"
+    """where its runs are made: `cpu`, or `cuda` for a lent GPU; the same seed gives other numbers on other hardware,
+    so a GPU row is a row of its own"""
+
+
+def row_path(method: str, variant: str, device: str = "cpu") -> Path:
+    """METHOD/VARIANT, or METHOD/VARIANT/DEVICE off the CPU: a row's folder in the work dir and in results/."""
+    return Path(method) / variant if device == "cpu" else Path(method) / variant / device
 
 
 # The exact command of every row in results/summary.json. Budgets are the scripts' defaults unless a flag says
@@ -74,6 +82,38 @@ ROWS = [
     Row("drs", "on-wgan_gp", base=("wgan_gp", "default")),
 ]
 
+# The same commands on a GPU (benchmark/gpu_session.sh runs them on a lent H200 in one prepared script), most wanted
+# first: the runner starts rows in this order, and a session's time may end before the last ones.
+_CPU_ROW = {(row.method, row.variant): row for row in ROWS}
+CUDA_ROWS = [
+    Row("mnist_train", "real-vs-real", device="cuda"),  # first: it trains the classifier and caches the references
+    Row("wgan_gp", "lr-2e-4-decay-150", _CPU_ROW["wgan_gp", "lr-2e-4-decay-150"].flags, (1, 2, 3), device="cuda"),
+    Row("vanilla_gan", "d-dropout-0.3", ("--d-dropout", "0.3"), (1, 2, 3), device="cuda"),
+    # issue 29: the WGAN-clip study's best at 30 epochs (RMSProp 1e-4 and batch norm in G), at the 200-epoch budget
+    Row(
+        "wgan_clip",
+        "lr-1e-4-generator-bn-200",
+        ("--lr-g", "1e-4", "--lr-critic", "1e-4", "--generator-bn", "--epochs", "200"),
+        (1, 2, 3),
+        device="cuda",
+    ),
+    Row("vanilla_gan", "default", seeds=(1, 2, 3), device="cuda"),
+    Row("wgan_gp", "default", _CPU_ROW["wgan_gp", "default"].flags, device="cuda"),
+    Row("wgan_clip", "default", device="cuda"),
+    Row("dcgan", "default", ("--bf16",), (1, 2, 3), device="cuda"),
+    Row("otgan", "default", ("--bf16",), device="cuda"),
+    Row("cyclegan", "default", ("--bf16",), device="cuda"),
+    Row("mdgan", "mnist", ("--dataset", "mnist"), device="cuda"),
+    Row("vanilla_gan", "r1-gamma-10", ("--r1-gamma", "10"), device="cuda"),
+    # issue 29: the post-hoc samplers on the new bases
+    Row("latent_adapt", "on-vanilla_gan-d-dropout-0.3", base=("vanilla_gan", "d-dropout-0.3"), device="cuda"),
+    Row("drs", "on-vanilla_gan-d-dropout-0.3", base=("vanilla_gan", "d-dropout-0.3"), device="cuda"),
+    Row("latent_adapt", "on-wgan_gp-lr-2e-4-decay-150", base=("wgan_gp", "lr-2e-4-decay-150"), device="cuda"),
+    Row("drs", "on-wgan_gp-lr-2e-4-decay-150", base=("wgan_gp", "lr-2e-4-decay-150"), device="cuda"),
+    # unrolled_gan on MNIST is not here: ~9x vanilla_gan's step cost, 100 epochs outlast a GPU session's 10 minutes
+]
+ROWS += CUDA_ROWS
+
 
 @dataclass
 class Args:
@@ -89,6 +129,8 @@ class Args:
     """run only these variants (e.g. --variants d-dropout-0.3 real-vs-real)"""
     seeds: tuple[int, ...] = ()
     """run only these seeds of each row (e.g. --seeds 1 to spread a row's seeds over sessions)"""
+    device: Optional[str] = None
+    """run the rows of this device, `cpu` or `cuda` (default: cuda where a GPU is visible, else cpu)"""
     extra: tuple[str, ...] = ()
     """flags added to every training command, e.g. --extra --epochs 2 for a short check (label such rows as short)"""
     data_dir: str = str(REPO.parent / "shared" / "data")
@@ -101,8 +143,8 @@ class Args:
     """how often to check on running jobs"""
 
 
-def run_folder(work_dir: str, method: str, variant: str, seed: int) -> Path:
-    return Path(work_dir) / method / variant / f"seed{seed}"
+def run_folder(work_dir: str, method: str, variant: str, seed: int, device: str = "cpu") -> Path:
+    return Path(work_dir) / row_path(method, variant, device) / f"seed{seed}"
 
 
 def finished_metrics(folder: Path) -> Optional[str]:
@@ -111,22 +153,22 @@ def finished_metrics(folder: Path) -> Optional[str]:
     return found[0] if found else None
 
 
-def committed_metrics(results_dir: str, method: str, variant: str, seed: int) -> Optional[str]:
+def committed_metrics(results_dir: str, method: str, variant: str, seed: int, device: str = "cpu") -> Optional[str]:
     """report.py's committed copy of a finished run's metrics.json: the row survives a lost work dir."""
-    copy = Path(results_dir) / method / variant / f"seed{seed}.json"
+    copy = Path(results_dir) / row_path(method, variant, device) / f"seed{seed}.json"
     return str(copy) if copy.exists() else None
 
 
-def finished_run(args, method: str, variant: str, seed: int) -> Optional[str]:
+def finished_run(args, method: str, variant: str, seed: int, device: str = "cpu") -> Optional[str]:
     """A finished run's metrics.json: in the work dir, else its committed copy in the results dir."""
-    in_work_dir = finished_metrics(run_folder(args.work_dir, method, variant, seed))
-    return in_work_dir or committed_metrics(args.results_dir, method, variant, seed)
+    in_work_dir = finished_metrics(run_folder(args.work_dir, method, variant, seed, device))
+    return in_work_dir or committed_metrics(args.results_dir, method, variant, seed, device)
 
 
 def command(row: Row, seed: int, args: Args) -> Optional[list]:
     """The command that runs (or resumes) one seed of a row; None while its base run is not finished."""
     offline = ["--data-dir", args.data_dir, "--inception-weights", args.inception_weights]
-    folder = run_folder(args.work_dir, row.method, row.variant, seed)
+    folder = run_folder(args.work_dir, row.method, row.variant, seed, row.device)
     if row.method == "mnist_train":  # the floor: 10,000 real training digits scored like a generator's samples
         return [
             sys.executable,
@@ -137,7 +179,7 @@ def command(row: Row, seed: int, args: Args) -> Optional[list]:
             str(folder / "metrics.json"),
         ]
     if row.base:
-        base = run_folder(args.work_dir, *row.base, seed)
+        base = run_folder(args.work_dir, *row.base, seed, row.device)
         if finished_metrics(base) is None:
             return None
         (checkpoint,) = glob(str(base / "runs" / "*" / "checkpoint.pt"))
@@ -155,19 +197,29 @@ def command(row: Row, seed: int, args: Args) -> Optional[list]:
     ]
 
 
+def device_of(args: Args) -> str:
+    """The device whose rows this runner makes: --device, else cuda where a GPU is visible."""
+    if args.device is None:
+        import torch  # only here: the runner needs no torch until it has to ask
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
 def pending(args: Args) -> list:
     """(row, seed) pairs with no metrics.json yet (in the work dir or committed in results/), in table order."""
     return [(row, seed) for row in ROWS for seed in row.seeds
             if (not args.only or row.method in args.only)
             and (not args.variants or row.variant in args.variants)
             and (not args.seeds or seed in args.seeds)
-            and finished_run(args, row.method, row.variant, seed) is None]  # fmt: skip
+            and row.device == device_of(args)
+            and finished_run(args, row.method, row.variant, seed, row.device) is None]  # fmt: skip
 
 
 def main(args: Args) -> int:
     todo, running, failed = pending(args), {}, []
     free_cores = sorted(os.sched_getaffinity(0))[: max(1, args.jobs)]
-    print(f"{len(todo)} runs to do in {args.work_dir}")
+    print(f"{len(todo)} {device_of(args)} runs to do in {args.work_dir}")
     while todo or running:
         for job, (process, core, label, log) in list(running.items()):
             if process.poll() is not None:
@@ -188,7 +240,7 @@ def main(args: Args) -> int:
             if args.dry_run:
                 print(label, " ".join(cmd))
                 continue
-            folder = run_folder(args.work_dir, row.method, row.variant, seed)
+            folder = run_folder(args.work_dir, row.method, row.variant, seed, row.device)
             folder.mkdir(parents=True, exist_ok=True)
             core = free_cores.pop(0)
             env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else dict(os.environ)
