@@ -244,7 +244,8 @@ def plot_curves(runs: dict, path: Path) -> None:
         minutes = [sum(h[i]["train_seconds"] for h in histories) / len(histories) / 60 for i in range(length)]
         values = [[h[i]["classifier_fid"] for h in histories] for i in range(length)]
         mean = [sum(v) / len(v) for v in values]
-        label = f"{table_row.method} {table_row.variant} ({len(histories)} seed{'s' if len(histories) > 1 else ''})"
+        on = "" if table_row.device == "cpu" else f" on {table_row.device}"
+        label = f"{table_row.method} {table_row.variant}{on} ({len(histories)} seed{'s' if len(histories) > 1 else ''})"
         for axis, x in ((by_epoch, epochs), (by_minute, minutes)):
             (line,) = axis.plot(x, mean, label=label)
             if len(histories) > 1:
@@ -267,7 +268,7 @@ def collect(args: Args) -> dict:
     runs = {}
     for table_row in run_benchmark.ROWS:
         for seed in table_row.seeds:
-            path = run_benchmark.finished_run(args, table_row.method, table_row.variant, seed)
+            path = run_benchmark.finished_run(args, table_row.method, table_row.variant, seed, table_row.device)
             if path:
                 runs[table_row, seed] = (path, json.loads(Path(path).read_text()))
     return runs
@@ -278,7 +279,8 @@ def main(args: Args) -> list:
     results = Path(args.results_dir)
     copies = {}
     for (table_row, seed), (path, metrics) in runs.items():  # the committed trace of each row: its metrics.json
-        copy = results / table_row.method / table_row.variant / f"seed{seed}.json"
+        folder = results / run_benchmark.row_path(table_row.method, table_row.variant, table_row.device)
+        copy = folder / f"seed{seed}.json"
         copy.parent.mkdir(parents=True, exist_ok=True)
         if Path(path).resolve() != copy.resolve():
             shutil.copyfile(path, copy)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 from statistics import median
+from typing import Optional
 
 import torch
 import tyro
@@ -71,6 +72,8 @@ class Args:
     """runs side by side, each pinned to its own core with one thread"""
     variants: tuple[str, ...] = ()
     """run only these of the study's variants (default: all); the table shows every finished one"""
+    seeds: tuple[int, ...] = SEEDS
+    """run only these seeds (e.g. --seeds 1 for a first signal of a new variant)"""
     work_dir: str = str(REPO / "benchmark" / "work" / "sweeps")
     """where the runs live (checkpoints too: not committed)"""
     results_dir: str = str(REPO / "results" / "sweeps")
@@ -96,6 +99,19 @@ def latest_checkpoint(folder: Path):
         return found[0], torch.load(found[0], map_location="cpu", weights_only=True)["epoch"]
     except Exception:  # being replaced right now (atomic rename): read it on the next poll
         return found[0], 0
+
+
+def committed_runs(results_dir: str, study: str) -> dict:
+    """{variant: {seed: run}} as STUDY.json kept them: a fresh checkout's work dir is empty, its results are not."""
+    path = Path(results_dir) / f"{study}.json"
+    if not path.exists():
+        return {}
+    kept = json.loads(path.read_text())["runs"]
+    return {variant: {int(seed): run for seed, run in by_seed.items()} for variant, by_seed in kept.items()}
+
+
+def finished(run: Optional[dict], epochs: int) -> bool:
+    return bool(run and run["history"] and run["history"][-1]["epoch"] >= epochs)
 
 
 def history_of(checkpoint_path: str) -> dict:
@@ -159,7 +175,13 @@ def main(args: Args) -> int:
         )
         return 2
     chosen = [v for v in variants if not args.variants or v in args.variants]
-    todo = [(variant, seed) for seed in SEEDS for variant in chosen]  # seed-major: a cut-short study has whole seeds
+    kept = committed_runs(args.results_dir, args.study)
+    todo = [  # seed-major: a cut-short study has whole seeds; a run STUDY.json holds to the end is not run again
+        (variant, seed)
+        for seed in args.seeds
+        for variant in chosen
+        if not finished(kept.get(variant, {}).get(seed), epochs)
+    ]
     running, free_cores = {}, sorted(os.sched_getaffinity(0))[: max(1, args.jobs)]
     while not args.table_only and (todo or running):
         for (variant, seed), (process, core, log, folder) in list(running.items()):
@@ -200,12 +222,14 @@ def main(args: Args) -> int:
             running[variant, seed] = (process, core, log, folder)
         time.sleep(10)
 
-    runs = {}
+    runs = {}  # the work dir's runs, else the ones STUDY.json kept
     for variant, flags in variants.items():
         for seed in SEEDS:
             folder = Path(args.work_dir) / args.study / variant / f"seed{seed}"
             checkpoint, _ = latest_checkpoint(folder)
-            if checkpoint:
+            if not checkpoint and seed in kept.get(variant, {}):
+                runs.setdefault(variant, {})[seed] = kept[variant][seed]
+            elif checkpoint:
                 commit_file = folder / "code_commit.txt"
                 code_commit = commit_file.read_text().strip() if commit_file.exists() else "unknown"
                 runs.setdefault(variant, {})[seed] = {

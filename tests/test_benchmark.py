@@ -17,7 +17,7 @@ def args_for(tmp_path, **overrides):
         results_dir=str(tmp_path / "results"),
         data_dir="DATA",
         inception_weights="W.pth",
-        **overrides,
+        **{"device": "cpu", **overrides},
     )
 
 
@@ -63,7 +63,7 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_waits_for_b
 
 
 def test_the_runner_runs_the_floor_row_and_writes_its_metrics(tmp_path):
-    (floor,) = [row for row in run_benchmark.ROWS if row.method == "mnist_train"]
+    (floor,) = [row for row in run_benchmark.ROWS if row.method == "mnist_train" and row.device == "cpu"]
     command = run_benchmark.command(floor, 1, args_for(tmp_path))
     assert command[2] == "mnist-train" and command[-2:] == [
         "--json-out",
@@ -291,3 +291,79 @@ def test_the_sweep_table_names_the_commit_each_run_was_launched_from(tmp_path):
     written = json.loads((tmp_path / "out" / "vanilla-30ep.json").read_text())
     assert [written["runs"]["default"][seed]["code_commit"] for seed in ("1", "2")] == ["aaaaaaa", "bbbbbbb"]
     assert "at commit aaaaaaa, bbbbbbb" in (tmp_path / "out" / "vanilla-30ep.md").read_text()
+
+
+def test_gpu_rows_are_rows_of_their_own_with_their_own_folders_and_runner(tmp_path):
+    cpu_todo = run_benchmark.pending(args_for(tmp_path, only=("vanilla_gan",), variants=("d-dropout-0.3",)))
+    cuda_args = args_for(tmp_path, only=("vanilla_gan",), variants=("d-dropout-0.3",), device="cuda")
+    cuda_todo = run_benchmark.pending(cuda_args)
+    assert {row.device for row, _ in cpu_todo} == {"cpu"} and {row.device for row, _ in cuda_todo} == {"cuda"}
+    assert [seed for _, seed in cuda_todo] == [1, 2, 3]
+    (gpu_row, _), *_ = cuda_todo
+    command = run_benchmark.command(gpu_row, 1, cuda_args)
+    assert command[1].endswith("vanilla_gan.py") and command[command.index("--d-dropout") + 1] == "0.3"
+
+    metrics = {
+        "epochs": 100,
+        "train_seconds": 120.0,
+        "final": scores(30.0, 0.02),
+        "best": scores(25.0, 0.01, 60),
+        "provenance": {"git_commit": "abc123", "device_name": "NVIDIA H200"},
+        "history": history(9.0, 6.0),
+    }
+    folder = run_benchmark.run_folder(str(tmp_path / "work"), "vanilla_gan", "d-dropout-0.3", 1, "cuda")
+    assert folder == tmp_path / "work/vanilla_gan/d-dropout-0.3/cuda/seed1"
+    (folder / "runs" / "run").mkdir(parents=True)
+    (folder / "runs" / "run" / "metrics.json").write_text(json.dumps(metrics))
+    assert [seed for _, seed in run_benchmark.pending(cuda_args)] == [2, 3]
+    assert len(run_benchmark.pending(args_for(tmp_path, only=("vanilla_gan",), variants=("d-dropout-0.3",)))) == 3
+
+    rows = report.main(
+        report.Args(work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), readme="", docs_dir="")
+    )
+    (last,) = [row for row in rows if row["generator"] == "last"]
+    assert last["device"] == "NVIDIA H200" and last["fid"]["values"] == [30.0] and last["seeds_planned"] == [1, 2, 3]
+    assert (tmp_path / "results/vanilla_gan/d-dropout-0.3/cuda/seed1.json").exists()
+
+
+@pytest.mark.parametrize("row", [row for row in run_benchmark.ROWS if row.flags and not row.base], ids=str)
+def test_every_row_is_a_valid_command_line_of_its_script(row):
+    """A GPU session has minutes, not a second try: a flag its script does not know must fail here first."""
+    import importlib
+
+    import tyro
+
+    tyro.cli(importlib.import_module(row.method).Args, args=list(row.flags))
+
+
+def test_the_gpu_session_script_parses_and_names_only_runner_flags_that_exist():
+    import re
+    import subprocess
+
+    import tyro
+
+    script = run_benchmark.REPO / "benchmark" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    command, continued, _ = text[text.index("benchmark/run_benchmark.py") :].split("\n", 2)  # one line continued
+    flags = re.findall(r" (--[a-z-]+)", command + continued)
+    assert "--device" in flags and "--work-dir" in flags
+    for flag in flags:  # its value aside, the runner must know it
+        assert flag[2:].replace("-", "_") in run_benchmark.Args.__dataclass_fields__, flag
+    tyro.cli(run_benchmark.Args, args=["--device", "cuda", "--jobs", "8", "--poll-seconds", "2"])
+
+
+def test_a_sweep_in_a_fresh_checkout_keeps_the_runs_its_committed_json_holds(tmp_path):
+    import sweep
+
+    finished_run = {"flags": [], "code_commit": "aaaaaaa", "history": history(50.0, 30.0), "train_seconds": 1.0}
+    kept = {"script": "vanilla_gan", "epochs": 2, "runs": {"default": {"1": finished_run}}}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "vanilla-30ep.json").write_text(json.dumps(kept))
+    assert sweep.committed_runs(str(tmp_path / "out"), "vanilla-30ep")["default"][1] == finished_run
+    assert sweep.finished(finished_run, 2) and not sweep.finished(finished_run, 30) and not sweep.finished(None, 2)
+    args = sweep.Args(
+        "vanilla-30ep", work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "out"), table_only=True
+    )
+    assert sweep.main(args) == 0  # an empty work dir: before, this rewrote the study's JSON without the run
+    assert json.loads((tmp_path / "out" / "vanilla-30ep.json").read_text())["runs"]["default"]["1"] == finished_run
