@@ -367,3 +367,23 @@ def test_a_sweep_in_a_fresh_checkout_keeps_the_runs_its_committed_json_holds(tmp
     )
     assert sweep.main(args) == 0  # an empty work dir: before, this rewrote the study's JSON without the run
     assert json.loads((tmp_path / "out" / "vanilla-30ep.json").read_text())["runs"]["default"]["1"] == finished_run
+
+
+@pytest.mark.parametrize("dirty", ["0", "1"])
+def test_provenance_of_a_tree_without_git_comes_from_the_commit_its_session_script_names(monkeypatch, dirty):
+    import subprocess
+
+    import torch
+
+    import eval_fid
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.delenv("CLEANGAN_GIT_COMMIT", raising=False)
+    assert eval_fid.provenance(torch.device("cpu"))["git_commit"] is None
+    monkeypatch.setenv("CLEANGAN_GIT_COMMIT", "60c7228")
+    monkeypatch.setenv("CLEANGAN_GIT_DIRTY", dirty)
+    found = eval_fid.provenance(torch.device("cpu"))
+    assert found["git_commit"] == "60c7228" and found["git_dirty"] is (dirty == "1")
