@@ -91,6 +91,24 @@ def spread(values: list) -> dict:
     return {"mean": mean, "std": std, "values": values}
 
 
+def device_name(metrics: dict) -> str:
+    return (metrics.get("provenance") or {}).get("device_name", metrics.get("device")) or "not recorded"
+
+
+def per_seed_label(seeds_and_values: list) -> str:
+    """`A` when every seed has the same value, else `A (seeds 1, 2); B (seed 3)`: a row's seeds may come from
+    different sessions' machines."""
+    seeds_of = {}
+    for seed, value in seeds_and_values:
+        seeds_of.setdefault(value, []).append(seed)
+    if len(seeds_of) == 1:
+        return next(iter(seeds_of))
+    return "; ".join(
+        f"{value} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+        for value, seeds in seeds_of.items()
+    )
+
+
 def summary_rows(runs: dict) -> list:
     """One row per (method, variant, generator) from {(row, seed): (metrics.json path, metrics)}."""
     rows = []
@@ -112,9 +130,9 @@ def summary_rows(runs: dict) -> list:
                 "epochs": first_metrics.get("epochs"),
                 "num_samples": per_seed[0][2].get("num_samples"),
                 "train_minutes": spread([m.get("train_seconds", 0.0) / 60 for *_, m in per_seed])["mean"],
-                "device": (first_metrics.get("provenance") or {}).get("device_name", first_metrics.get("device"))
-                or "not recorded",
+                "device": per_seed_label([(seed, device_name(m)) for seed, *_, m in per_seed]),
                 "commit": (first_metrics.get("provenance") or {}).get("git_commit"),
+                "commits": [(m.get("provenance") or {}).get("git_commit") for *_, m in per_seed],
                 "runs": [
                     str(Path(path).relative_to(REPO)) if Path(path).is_relative_to(REPO) else path
                     for _, path, *_ in per_seed

@@ -179,6 +179,14 @@ def test_the_report_writes_summary_rows_with_mean_std_and_values(benchmark_folde
     assert (tmp_path / "results/vanilla_gan/default/seed2.json").exists()
 
 
+def test_a_row_whose_seeds_ran_on_different_machines_names_each_with_its_seeds():
+    assert report.per_seed_label([(1, "AMD EPYC"), (2, "AMD EPYC")]) == "AMD EPYC"
+    assert (
+        report.per_seed_label([(1, "AMD EPYC"), (2, "AMD EPYC"), (3, "Intel Xeon")])
+        == "AMD EPYC (seeds 1, 2); Intel Xeon (seed 3)"
+    )
+
+
 def test_rows_survive_a_lost_work_dir_from_their_committed_copies(benchmark_folder):
     tmp_path = benchmark_folder
     first = report.main(report_args(tmp_path))
