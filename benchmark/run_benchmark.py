@@ -82,13 +82,13 @@ ROWS = [
     Row("drs", "on-wgan_gp", base=("wgan_gp", "default")),
 ]
 
-# The same commands on a GPU (benchmark/gpu_session.sh runs them on a lent H200 in one prepared script), most wanted
+# The same commands on a GPU (benchmark/gpu_session.sh runs them on a lent H200 within its session), most wanted
 # first: the runner starts rows in this order, and a session's time may end before the last ones.
 _CPU_ROW = {(row.method, row.variant): row for row in ROWS}
 CUDA_ROWS = [
     Row("mnist_train", "real-vs-real", device="cuda"),  # first: it trains the classifier and caches the references
     Row("wgan_gp", "lr-2e-4-decay-150", _CPU_ROW["wgan_gp", "lr-2e-4-decay-150"].flags, (1, 2, 3), device="cuda"),
-    Row("vanilla_gan", "d-dropout-0.3", ("--d-dropout", "0.3"), (1, 2, 3), device="cuda"),
+    Row("vanilla_gan", "d-dropout-0.3", _CPU_ROW["vanilla_gan", "d-dropout-0.3"].flags, (1, 2, 3), device="cuda"),
     # issue 29: the WGAN-clip study's best at 30 epochs (RMSProp 1e-4 and batch norm in G), at the 200-epoch budget
     Row(
         "wgan_clip",
@@ -104,7 +104,7 @@ CUDA_ROWS = [
     Row("otgan", "default", ("--bf16",), device="cuda"),
     Row("cyclegan", "default", ("--bf16",), device="cuda"),
     Row("mdgan", "mnist", ("--dataset", "mnist"), device="cuda"),
-    Row("vanilla_gan", "r1-gamma-10", ("--r1-gamma", "10"), device="cuda"),
+    Row("vanilla_gan", "r1-gamma-10", _CPU_ROW["vanilla_gan", "r1-gamma-10"].flags, device="cuda"),
     # issue 29: the post-hoc samplers on the new bases
     Row("latent_adapt", "on-vanilla_gan-d-dropout-0.3", base=("vanilla_gan", "d-dropout-0.3"), device="cuda"),
     Row("drs", "on-vanilla_gan-d-dropout-0.3", base=("vanilla_gan", "d-dropout-0.3"), device="cuda"),
