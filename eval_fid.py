@@ -597,6 +597,8 @@ class Evaluator:
         reference_size: int = 10000,
         batch_size: Optional[int] = None,
     ):
+        if batch_size is not None and batch_size < 1:
+            raise EvalError(f"the Inception batch size must be a positive number of images, got {batch_size}")
         self.data_dir, self.inception_weights = data_dir, inception_weights
         self.cache_dir = Path(cache_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -48,8 +48,10 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_waits_for_b
     vanilla, drs = todo[0][0], next(row for row, _ in todo if row.method == "drs")
     assert run_benchmark.command(drs, 1, args) is None  # its base has not finished
 
+    assert drs.base == ("vanilla_gan", "d-dropout-0.3")
+    base_checkpoint = finish(tmp_path / "work", *drs.base, 1, {"final": {}}) / "checkpoint.pt"
+    base_checkpoint.write_bytes(b"")
     finish(tmp_path / "work", "vanilla_gan", "default", 1, {"final": {}})
-    (tmp_path / "work/vanilla_gan/default/seed1/runs/run/checkpoint.pt").write_bytes(b"")
     interrupted = run_benchmark.run_folder(args.work_dir, "vanilla_gan", "default", 2) / "runs" / "run2"
     interrupted.mkdir(parents=True)
     (interrupted / "checkpoint.pt").write_bytes(b"")
@@ -59,7 +61,7 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_waits_for_b
     assert resume[-2:] == ["--resume", str(interrupted / "checkpoint.pt")] and resume[resume.index("--seed") + 1] == "2"
     assert ["--data-dir", "DATA"] == resume[resume.index("--data-dir") :][:2]
     drs_command = run_benchmark.command(drs, 1, args)
-    assert drs_command[2] == str(tmp_path / "work/vanilla_gan/default/seed1/runs/run/checkpoint.pt")
+    assert drs_command[2] == str(base_checkpoint) and drs_command[drs_command.index("--seed") + 1] == "1"
 
 
 def test_the_runner_runs_the_floor_row_and_writes_its_metrics(tmp_path):

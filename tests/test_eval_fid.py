@@ -172,6 +172,12 @@ def test_inception_weights_of_the_wrong_shape(tmp_path, cache_dir):
     assert_one_line_error(result, "does not fit the FID Inception")
 
 
+def test_a_batch_size_below_one_is_one_line_not_a_traceback(tmp_path, cache_dir):
+    torch.save(torch.zeros(4, 28, 28, dtype=torch.uint8), tmp_path / "s.pt")
+    result = cli(tmp_path / "s.pt", tmp_path / "s.pt", "--batch-size", "-5", cwd=tmp_path, cache_dir=cache_dir)
+    assert_one_line_error(result, "batch size must be a positive number")
+
+
 def test_missing_mnist_without_network_is_one_clear_error(tmp_path, monkeypatch, capsys):
     def offline(self):
         raise OSError("no network")
