@@ -210,6 +210,17 @@ def device_of(args: Args) -> str:
     return args.device
 
 
+def run_env(row: Row, args: Args) -> dict:
+    """The environment of one run: one thread when runs share the cores; no GPU for a CPU row, since the scripts take
+    CUDA wherever they see it and the row would then not be the one its folder names."""
+    env = dict(os.environ)
+    if args.jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    if row.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def pending(args: Args) -> list:
     """(row, seed) pairs with no metrics.json yet (in the work dir or committed in results/), in table order."""
     return [(row, seed) for row in ROWS for seed in row.seeds
@@ -247,12 +258,13 @@ def main(args: Args) -> int:
             folder = run_folder(args.work_dir, row.method, row.variant, seed, row.device)
             folder.mkdir(parents=True, exist_ok=True)
             core = free_cores.pop(0)
-            env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else dict(os.environ)
             pin = (lambda core=core: os.sched_setaffinity(0, {core})) if args.jobs > 1 else None
             log = open(folder / "log.txt", "a")
             print(f"{time.strftime('%H:%M:%S')} {label}: {' '.join(cmd)}", flush=True)
             running[label] = (
-                subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin),
+                subprocess.Popen(
+                    cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=run_env(row, args), preexec_fn=pin
+                ),
                 core,
                 label,
                 log,

@@ -64,6 +64,18 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_waits_for_b
     assert drs_command[2] == str(base_checkpoint) and drs_command[drs_command.index("--seed") + 1] == "1"
 
 
+def test_a_cpu_row_hides_the_gpu_and_side_by_side_runs_get_one_thread_each(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu_row = next(row for row in run_benchmark.ROWS if row.device == "cpu")
+    cuda_row = next(row for row in run_benchmark.ROWS if row.device == "cuda")
+    alone, side_by_side = args_for(tmp_path), args_for(tmp_path, jobs=2)
+    assert run_benchmark.run_env(cpu_row, alone)["CUDA_VISIBLE_DEVICES"] == ""
+    assert "CUDA_VISIBLE_DEVICES" not in run_benchmark.run_env(cuda_row, alone)
+    assert "OMP_NUM_THREADS" not in run_benchmark.run_env(cuda_row, alone)  # one run alone takes every core
+    assert run_benchmark.run_env(cuda_row, side_by_side)["OMP_NUM_THREADS"] == "1"
+
+
 def test_the_runner_runs_the_floor_row_and_writes_its_metrics(tmp_path):
     (floor,) = [row for row in run_benchmark.ROWS if row.method == "mnist_train" and row.device == "cpu"]
     command = run_benchmark.command(floor, 1, args_for(tmp_path))
