@@ -175,7 +175,7 @@ def markdown_table(rows: list) -> str:
         budget = f"{row['epochs']} epochs, {row['train_minutes']:.0f} min" if row["epochs"] else "-"
         seeds = ", ".join(map(str, row["seeds"]))
         if len(row["seeds"]) < len(row.get("seeds_planned", row["seeds"])):
-            seeds += f" (of {len(row['seeds_planned'])} planned)"
+            seeds += f" ({len(row['seeds'])} of {len(row['seeds_planned'])} planned)"  # "3 (1 of 3 planned)": seed 3
         lines.append(
             f"| {row['method']} | {row['variant']} | {generator_label(row)} | {cell(row.get('fid'), 2)} | "
             f"{cell(row.get('kid'), 2, 1000)} | {cell(row.get('precision'), 3)} | {cell(row.get('recall'), 3)} | "
