@@ -300,7 +300,12 @@ if __name__ == "__main__":
 
     results = {}
     for name, samples in (("base", base_samples), ("drs", drs_samples)):
-        metrics = evaluator.fast(samples) if args.fast_only else evaluator.full(samples)
+        metrics = (
+            evaluator.fast(samples)
+            if args.fast_only
+            # drs.py and latent_adapt.py draw the same base samples from one checkpoint and seed: one Inception pass
+            else evaluator.full(samples, cache_features=name == "base")
+        )
         results[name] = metrics
         grid = torchvision.utils.make_grid(samples[:100], nrow=10, normalize=True, value_range=(-1, 1))
         writer.add_image(f"samples/{name}", grid)

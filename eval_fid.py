@@ -629,23 +629,25 @@ class Evaluator:
                 self._inception = load_fid_inception(self.inception_weights, self.device)
         return self._inception
 
-    def _reference_features(self, kind: str, extract) -> torch.Tensor:
-        """Features of the reference set, cached under a key of the network's weights and the reference pixels."""
-        if kind in self._reference_features_by_kind:
-            return self._reference_features_by_kind[kind]
+    def _features_cached_on_disk(self, name: str, kind: str, images01: torch.Tensor, extract) -> torch.Tensor:
+        """Features of images, cached as NAME_KIND_KEY.pt under a key of the network's weights and the pixels."""
         if kind == "classifier":
             model_id = _sha256(b"".join(t.cpu().numpy().tobytes() for t in self.classifier().state_dict().values()))
         else:
             model_id = _sha256(Path(self.inception_weights).read_bytes()) if self.inception_weights else "download"
-        key = _sha256(f"{kind}|{model_id}|{_sha256(self.reference.numpy().tobytes())}".encode())
-        path = self.cache_dir / f"reference_{kind}_{key}.pt"
+        key = _sha256(f"{kind}|{model_id}|{_sha256(images01.cpu().numpy().tobytes())}".encode())
+        path = self.cache_dir / f"{name}_{kind}_{key}.pt"
         if path.exists():
-            features = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            features = extract(self.reference)
-            atomic_save(features, str(path))
-        self._reference_features_by_kind[kind] = features
+            return torch.load(path, map_location="cpu", weights_only=True)
+        features = extract(images01)
+        atomic_save(features, str(path))
         return features
+
+    def _reference_features(self, kind: str, extract) -> torch.Tensor:
+        if kind not in self._reference_features_by_kind:
+            features = self._features_cached_on_disk("reference", kind, self.reference, extract)
+            self._reference_features_by_kind[kind] = features
+        return self._reference_features_by_kind[kind]
 
     # -- feature extractors ---------------------------------------------------------------------
     @staticmethod
@@ -692,14 +694,25 @@ class Evaluator:
             metrics["label_accuracy"] = (predicted.cpu() == labels.cpu()).double().mean().item()
         return metrics
 
-    def full(self, samples: torch.Tensor, k: int = 3, labels: Optional[torch.Tensor] = None) -> dict:
-        """FID, KID (mean, std), precision and recall (Inception pool3, k-NN with k=3), plus fast() when 28x28."""
+    def full(
+        self, samples: torch.Tensor, k: int = 3, labels: Optional[torch.Tensor] = None, cache_features: bool = False
+    ) -> dict:
+        """FID, KID (mean, std), precision and recall (Inception pool3, k-NN with k=3), plus fast() when 28x28.
+
+        cache_features: keep the samples' Inception features in the cache dir (~80 MB per 10,000 samples), keyed by
+        their pixels, so a second call on the same samples (in this process or another) skips the Inception pass.
+        """
         images01 = to_unit_range(samples)
         start = time.time()
         reference = self._reference_features(
             "inception", lambda ref: self.inception_features(ref, "reference features")
         )
-        features = self.inception_features(images01, "sample features")
+        if cache_features:
+            features = self._features_cached_on_disk(
+                "samples", "inception", images01, lambda x: self.inception_features(x, "sample features")
+            )
+        else:
+            features = self.inception_features(images01, "sample features")
         precision, recall = precision_recall(reference, features, k)
         kid, kid_std = kernel_inception_distance(reference, features)
         metrics = {

@@ -286,7 +286,12 @@ if __name__ == "__main__":
 
     results = {}
     for name, samples in (("base", base_samples), ("adapted", adapted_samples)):
-        results[name] = evaluator.fast(samples) if args.fast_only else evaluator.full(samples)
+        results[name] = (
+            evaluator.fast(samples)
+            if args.fast_only
+            # drs.py and latent_adapt.py draw the same base samples from one checkpoint and seed: one Inception pass
+            else evaluator.full(samples, cache_features=name == "base")
+        )
         # Adapted (grouped by digit): column j shows ten samples of digit j. Base: its first 100 samples.
         shown = (
             samples.view(NUM_CLASSES, args.per_class, 1, 28, 28)[:, :10].transpose(0, 1).flatten(0, 1)

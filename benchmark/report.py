@@ -109,6 +109,25 @@ def per_seed_label(seeds_and_values: list) -> str:
     )
 
 
+def post_hoc_budget(table_row: run_benchmark.Row, seeds_and_metrics: list, runs: dict) -> dict:
+    """A sampler's budget is its base's training, seed for seed, plus its own seconds of sampling or adapting."""
+    base_row = next(
+        row
+        for row in run_benchmark.ROWS
+        if (row.method, row.variant) == table_row.base and row.device == table_row.device
+    )
+    bases = [runs[base_row, seed][1] for seed, _ in seeds_and_metrics if (base_row, seed) in runs]
+    budget = {
+        "sampler_seconds": spread(
+            [m.get("sampling_seconds", m.get("adapt_seconds", 0.0)) for _, m in seeds_and_metrics]
+        )["mean"]
+    }
+    if len(bases) == len(seeds_and_metrics):
+        budget["base_epochs"] = bases[0].get("epochs")
+        budget["base_train_minutes"] = spread([m.get("train_seconds", 0.0) / 60 for m in bases])["mean"]
+    return budget
+
+
 def summary_rows(runs: dict) -> list:
     """One row per (method, variant, generator) from {(row, seed): (metrics.json path, metrics)}."""
     rows = []
@@ -140,6 +159,8 @@ def summary_rows(runs: dict) -> list:
             }
             if generator == "best":
                 row["best_epochs"] = [scores.get("epoch") for _, _, scores, _ in per_seed]
+            if table_row.base:
+                row.update(post_hoc_budget(table_row, [(seed, m) for seed, *_, m in per_seed], runs))
             for key in (*HEADLINE, *EXTRA):
                 if all(key in scores for _, _, scores, _ in per_seed):
                     row[key] = spread([scores[key] for _, _, scores, _ in per_seed])
@@ -172,7 +193,12 @@ def markdown_table(rows: list) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        budget = f"{row['epochs']} epochs, {row['train_minutes']:.0f} min" if row["epochs"] else "-"
+        if row["epochs"]:
+            budget = f"{row['epochs']} epochs, {row['train_minutes']:.0f} min"
+        elif row.get("base_epochs"):
+            budget = f"base {row['base_epochs']} epochs, {row['base_train_minutes']:.0f} min; +{row['sampler_seconds']:.0f} s"
+        else:
+            budget = "-"
         seeds = ", ".join(map(str, row["seeds"]))
         if len(row["seeds"]) < len(row.get("seeds_planned", row["seeds"])):
             seeds += f" ({len(row['seeds'])} of {len(row['seeds_planned'])} planned)"  # "3 (1 of 3 planned)": seed 3

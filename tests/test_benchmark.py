@@ -246,6 +246,25 @@ def test_the_report_regenerates_the_readme_table_and_draws_the_curves(benchmark_
         assert image.size[0] > 800 and len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
 
 
+def test_a_post_hoc_row_states_its_bases_budget_seed_for_seed_and_its_own_seconds(tmp_path):
+    work = tmp_path / "work"
+    for seed, minutes in ((1, 40.0), (2, 50.0)):
+        base = {"epochs": 100, "train_seconds": 60 * minutes, "final": scores(40.0, 0.03), "history": []}
+        finish(work, "vanilla_gan", "d-dropout-0.3", seed, base)
+        drs = {"base": scores(40.0, 0.03), "drs": scores(35.0, 0.02), "sampling_seconds": 2.0 + seed}
+        finish(work, "drs", "on-vanilla_gan-d-dropout-0.3", seed, drs)
+    finish(work, "drs", "on-vanilla_gan-d-dropout-0.3", 3, {**drs, "sampling_seconds": 4.0})  # its base is gone
+    rows = report.summary_rows(report.collect(report_args(tmp_path)))
+    drs_row = next(r for r in rows if r["method"] == "drs" and r["generator"] == "drs")
+    assert drs_row["seeds"] == [1, 2, 3] and drs_row["sampler_seconds"] == pytest.approx(11 / 3)
+    assert "base_epochs" not in drs_row  # seed 3's base training is unknown: no budget made of two seeds' bases
+    shutil.rmtree(work / "drs" / "on-vanilla_gan-d-dropout-0.3" / "seed3")
+    rows = report.summary_rows(report.collect(report_args(tmp_path)))
+    drs_row = next(r for r in rows if r["method"] == "drs" and r["generator"] == "drs")
+    assert drs_row["base_epochs"] == 100 and drs_row["base_train_minutes"] == pytest.approx(45.0)
+    assert "| 10000 | base 100 epochs, 45 min; +4 s |" in report.markdown_table([drs_row])
+
+
 def test_the_report_without_finished_runs_says_so_instead_of_an_empty_table(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(

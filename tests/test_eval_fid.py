@@ -76,6 +76,22 @@ def test_full_metrics_of_the_reference_itself_and_of_noise(evaluator, mnist_test
 
 @needs_mnist
 @needs_inception
+def test_cached_sample_features_skip_the_second_inception_pass(evaluator, mnist_test, cache_dir, monkeypatch):
+    samples = mnist_test[0][N : 2 * N]
+    files_before = set(cache_dir.glob("samples_inception_*.pt"))
+    first = evaluator.full(samples, cache_features=True)
+    assert len(set(cache_dir.glob("samples_inception_*.pt")) - files_before) == 1
+    inception_calls = []
+    extract = evaluator.inception_features
+    monkeypatch.setattr(evaluator, "inception_features", lambda x, desc: inception_calls.append(len(x)) or extract(x))
+    again = evaluator.full(samples, cache_features=True)
+    assert inception_calls == [] and again["fid"] == first["fid"] and again["kid"] == first["kid"]
+    mirrored = evaluator.full(samples.flip(-1), cache_features=True)  # other pixels, another key: a new pass
+    assert inception_calls == [N] and mirrored["fid"] != first["fid"]
+
+
+@needs_mnist
+@needs_inception
 def test_cli_reads_png_folders_npz_and_pt_alike(tmp_path, cache_dir, mnist_test):
     images = mnist_test[0][:N]
     eval_fid.save_samples_png(images, tmp_path / "pngs")
