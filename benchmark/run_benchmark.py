@@ -87,6 +87,14 @@ ROWS = [
     Row("mdgan", "mnist", ("--dataset", "mnist")),
     Row("otgan", "default", ("--bf16",)),
     Row("cyclegan", "default", ("--bf16",)),
+    # Short CPU rows, labelled by their budget: the scripts' budgets (cyclegan 10 epochs at ~10-20 min each, unrolled
+    # 100 epochs at ~4.5 min each) outlast a 3-hour CPU session, and a work dir does not survive between sessions.
+    Row("cyclegan", "short-3-epochs", ("--bf16", "--epochs", "3")),
+    Row(
+        "unrolled_gan",
+        "mnist-K5-unroll-lr-2e-6-short-20-epochs",
+        ("--dataset", "mnist", "--unroll-steps", "5", "--unroll-lr", "2e-6", "--epochs", "20"),
+    ),
     Row("dcgan", "default", ("--bf16",), seeds=(1, 2, 3)),
     # issue 29: the post-hoc samplers on the recipe bases, seed for seed (seed N starts from the base's seed N)
     Row("latent_adapt", "on-vanilla_gan-d-dropout-0.3", seeds=(1, 2, 3), base=("vanilla_gan", "d-dropout-0.3")),
