@@ -32,20 +32,21 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_waits_for_b
     args = args_for(tmp_path, only=("vanilla_gan", "drs"))
     todo = run_benchmark.pending(args)
     assert [(row.variant, seed) for row, seed in todo if row.method == "vanilla_gan"] == [
+        ("d-dropout-0.3", 1),
+        ("d-dropout-0.3", 2),
+        ("d-dropout-0.3", 3),
         ("default", 1),
         ("default", 2),
         ("default", 3),
         ("r1-gamma-10", 1),
-        ("d-dropout-0.3", 1),
-        ("d-dropout-0.3", 2),
-        ("d-dropout-0.3", 3),
     ]
     spread_over_sessions = run_benchmark.pending(args_for(tmp_path, variants=("d-dropout-0.3",), seeds=(2, 3)))
     assert [(row.method, row.variant, seed) for row, seed in spread_over_sessions] == [
         ("vanilla_gan", "d-dropout-0.3", 2),
         ("vanilla_gan", "d-dropout-0.3", 3),
     ]
-    vanilla, drs = todo[0][0], next(row for row, _ in todo if row.method == "drs")
+    vanilla = next(row for row, _ in todo if row.variant == "default")
+    drs = next(row for row, _ in todo if row.method == "drs")
     assert run_benchmark.command(drs, 1, args) is None  # its base has not finished
 
     assert drs.base == ("vanilla_gan", "d-dropout-0.3")
@@ -365,6 +366,14 @@ def test_gpu_rows_are_rows_of_their_own_with_their_own_folders_and_runner(tmp_pa
     (last,) = [row for row in rows if row["generator"] == "last"]
     assert last["device"] == "NVIDIA H200" and last["fid"]["values"] == [30.0] and last["seeds_planned"] == [1, 2, 3]
     assert (tmp_path / "results/vanilla_gan/d-dropout-0.3/cuda/seed1.json").exists()
+
+
+@pytest.mark.parametrize("method", ["vanilla_gan", "wgan_clip", "wgan_gp"])
+def test_the_readmes_best_command_of_an_mlp_script_is_its_first_row_so_its_headline(method):
+    """The README's methods table quotes a method's first row with runs; it must be the command the README recommends."""
+    first = next(row for row in run_benchmark.ROWS if row.method == method and row.device == "cpu")
+    readme = (run_benchmark.REPO / "README.md").read_text()
+    assert f"python {method}.py {' '.join(first.flags)}   # row {method}/{first.variant}" in readme
 
 
 @pytest.mark.parametrize("row", [row for row in run_benchmark.ROWS if row.flags and not row.base], ids=str)
